@@ -1,0 +1,3 @@
+from pyrsia_node.cli import main
+
+raise SystemExit(main())

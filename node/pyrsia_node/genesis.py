@@ -272,7 +272,9 @@ def create_network(
         identity = Identity.generate()
         identity.save(data_dir / "keys" / "node.key")
         tls.save_key_pair(data_dir / "keys", tls.issue_node_certificate(ca, name, (host,)))
-        node = LocalNode(name, role, data_dir, data_dir / "node.yaml", port, port + 1, port + 2, host)
+        node = LocalNode(
+            name, role, data_dir, data_dir / "node.yaml", port, port + 1, port + 2, host
+        )
         nodes.append(node)
         if role == "authority":
             entries.append(

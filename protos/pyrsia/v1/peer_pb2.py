@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pyrsia/v1/peer.proto\x12\tpyrsia.v1\"\xce\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x10\n\x08\x63hain_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x06 \x01(\t\x12\x14\n\x0chttp_address\x18\x07 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\t \x01(\x04\x12\x11\n\tsignature\x18\n \x01(\x0c\"-\n\x0bPingRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x04\"D\n\x0cPingResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x04\"4\n\x0f\x45xchangeRequest\x12!\n\x04self\x18\x01 \x01(\x0b\x32\x13.pyrsia.v1.NodeInfo\"Y\n\x10\x45xchangeResponse\x12!\n\x04self\x18\x01 \x01(\x0b\x32\x13.pyrsia.v1.NodeInfo\x12\"\n\x05known\x18\x02 \x03(\x0b\x32\x13.pyrsia.v1.NodeInfo2\x84\x01\n\x04Peer\x12\x37\n\x04Ping\x12\x16.pyrsia.v1.PingRequest\x1a\x17.pyrsia.v1.PingResponse\x12\x43\n\x08\x45xchange\x12\x1a.pyrsia.v1.ExchangeRequest\x1a\x1b.pyrsia.v1.ExchangeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x14pyrsia/v1/peer.proto\x12\tpyrsia.v1\"\xdc\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x12\n\npublic_key\x18\x02 \x01(\x0c\x12\x0c\n\x04role\x18\x03 \x01(\t\x12\x10\n\x08\x63hain_id\x18\x04 \x01(\t\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x14\n\x0cgrpc_address\x18\x06 \x01(\t\x12\x14\n\x0chttp_address\x18\x07 \x01(\t\x12\x17\n\x0fmetrics_address\x18\x08 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\t \x01(\x04\x12\x11\n\tsignature\x18\n \x01(\x0c\x12\x0c\n\x04name\x18\x0b \x01(\t\"-\n\x0bPingRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x04\"D\n\x0cPingResponse\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\r\n\x05nonce\x18\x02 \x01(\x04\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x04\"4\n\x0f\x45xchangeRequest\x12!\n\x04self\x18\x01 \x01(\x0b\x32\x13.pyrsia.v1.NodeInfo\"Y\n\x10\x45xchangeResponse\x12!\n\x04self\x18\x01 \x01(\x0b\x32\x13.pyrsia.v1.NodeInfo\x12\"\n\x05known\x18\x02 \x03(\x0b\x32\x13.pyrsia.v1.NodeInfo2\x84\x01\n\x04Peer\x12\x37\n\x04Ping\x12\x16.pyrsia.v1.PingRequest\x1a\x17.pyrsia.v1.PingResponse\x12\x43\n\x08\x45xchange\x12\x1a.pyrsia.v1.ExchangeRequest\x1a\x1b.pyrsia.v1.ExchangeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,15 +32,15 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pyrsia.v1.peer_pb2', _globa
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_NODEINFO']._serialized_start=36
-  _globals['_NODEINFO']._serialized_end=242
-  _globals['_PINGREQUEST']._serialized_start=244
-  _globals['_PINGREQUEST']._serialized_end=289
-  _globals['_PINGRESPONSE']._serialized_start=291
-  _globals['_PINGRESPONSE']._serialized_end=359
-  _globals['_EXCHANGEREQUEST']._serialized_start=361
-  _globals['_EXCHANGEREQUEST']._serialized_end=413
-  _globals['_EXCHANGERESPONSE']._serialized_start=415
-  _globals['_EXCHANGERESPONSE']._serialized_end=504
-  _globals['_PEER']._serialized_start=507
-  _globals['_PEER']._serialized_end=639
+  _globals['_NODEINFO']._serialized_end=256
+  _globals['_PINGREQUEST']._serialized_start=258
+  _globals['_PINGREQUEST']._serialized_end=303
+  _globals['_PINGRESPONSE']._serialized_start=305
+  _globals['_PINGRESPONSE']._serialized_end=373
+  _globals['_EXCHANGEREQUEST']._serialized_start=375
+  _globals['_EXCHANGEREQUEST']._serialized_end=427
+  _globals['_EXCHANGERESPONSE']._serialized_start=429
+  _globals['_EXCHANGERESPONSE']._serialized_end=518
+  _globals['_PEER']._serialized_start=521
+  _globals['_PEER']._serialized_end=653
 # @@protoc_insertion_point(module_scope)

@@ -43,6 +43,7 @@ class NodeInfo(_message.Message):
     METRICS_ADDRESS_FIELD_NUMBER: _builtins.int
     TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     public_key: _builtins.bytes
     """raw 32-byte Ed25519 public key"""
@@ -59,6 +60,8 @@ class NodeInfo(_message.Message):
     timestamp_ms: _builtins.int
     """signing time; stale infos are rejected"""
     signature: _builtins.bytes
+    name: _builtins.str
+    """human-readable, e.g. authority-0; not unique"""
     def __init__(
         self,
         *,
@@ -72,10 +75,11 @@ class NodeInfo(_message.Message):
         metrics_address: _builtins.str = ...,
         timestamp_ms: _builtins.int = ...,
         signature: _builtins.bytes = ...,
+        name: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "grpc_address", b"grpc_address", "http_address", b"http_address", "metrics_address", b"metrics_address", "node_id", b"node_id", "public_key", b"public_key", "role", b"role", "signature", b"signature", "timestamp_ms", b"timestamp_ms", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "grpc_address", b"grpc_address", "http_address", b"http_address", "metrics_address", b"metrics_address", "name", b"name", "node_id", b"node_id", "public_key", b"public_key", "role", b"role", "signature", b"signature", "timestamp_ms", b"timestamp_ms", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,202 @@
+"""Wiring: one node process. Starts the gRPC server (mutual TLS unless the debugging flag
+says otherwise), the HTTP server (health, admin API), the metrics server and the
+background loops, and stops all of them on SIGTERM/SIGINT within a few seconds.
+
+What it must never do: hold domain logic. Everything it starts lives in its own module.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import signal
+import time
+from typing import Any
+
+import grpc
+from aiohttp import web
+from pyrsia.v1 import peer_pb2, peer_pb2_grpc
+
+from pyrsia_node import __version__, api, identity
+from pyrsia_node.config import NodeConfig
+from pyrsia_node.genesis import Genesis, GenesisError
+from pyrsia_node.metrics import LoadSampler, NodeMetrics
+from pyrsia_node.peering import Peering, PeerServicer, sign_node_info
+from pyrsia_node.store import BlobStore
+from pyrsia_node.tls import TARGET_NAME, NodeTls
+
+log = logging.getLogger(__name__)
+STOP_GRACE_SECONDS = 2.0
+
+
+class Node:
+    """A running node. Construct, ``await start()``, ``await stop()``."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.genesis = Genesis.load(config.genesis_path)
+        self.identity = identity.load_or_create(config.data_dir)
+        if config.role == "authority" and self.genesis.authority(self.identity.node_id) is None:
+            raise GenesisError(
+                f"this node's key ({self.identity.node_id[:16]}) is not an authority in the "
+                f"genesis {config.genesis_path}; run it with role 'peer' or use an authority key"
+            )
+        self.store = BlobStore(config.data_dir / "blobs")
+        self.metrics = NodeMetrics(config.weights, config.role, __version__)
+        self.tls = (
+            None
+            if config.insecure_plaintext
+            else NodeTls.load(config.data_dir / "keys", self.genesis.ca_certificate.encode())
+        )
+        self.peering = Peering(
+            self.identity,
+            self.genesis,
+            self.self_info,
+            config.bootstrap,
+            self.channel,
+            interval=1.0,
+        )
+        self.uploads_in_flight = 0
+        self._started = False
+        self._grpc: grpc.aio.Server | None = None
+        self._runners: list[web.AppRunner] = []
+        self._tasks: list[asyncio.Task[None]] = []
+
+    def self_info(self) -> peer_pb2.NodeInfo:
+        info = peer_pb2.NodeInfo(
+            node_id=self.identity.node_id,
+            public_key=self.identity.public_key,
+            role=self.config.role,
+            name=self.config.name,
+            chain_id=self.genesis.chain_id,
+            version=__version__,
+            grpc_address=self.config.grpc_address,
+            http_address=self.config.http_address,
+            metrics_address=self.config.metrics_address,
+            timestamp_ms=int(time.time() * 1000),
+        )
+        return sign_node_info(info, self.identity)
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        if self.tls is None:
+            return grpc.aio.insecure_channel(address)
+        return grpc.aio.secure_channel(
+            address,
+            self.tls.channel_credentials(),
+            options=[("grpc.ssl_target_name_override", TARGET_NAME)],
+        )
+
+    def status(self) -> dict[str, Any]:
+        peers = sorted(self.peering.table.connected(), key=lambda i: (i.role, i.name))
+        return {
+            "node_id": self.identity.node_id,
+            "name": self.config.name,
+            "role": self.config.role,
+            "version": __version__,
+            "chain_id": self.genesis.chain_id,
+            "genesis_hash": self.genesis.genesis_hash,
+            "grpc_address": self.config.grpc_address,
+            "http_address": self.config.http_address,
+            "metrics_address": self.config.metrics_address,
+            "tls": self.tls is not None,
+            "connected_peers": [
+                {
+                    "node_id": p.node_id,
+                    "name": p.name,
+                    "role": p.role,
+                    "grpc_address": p.grpc_address,
+                    "http_address": p.http_address,
+                }
+                for p in peers
+            ],
+            "ledger": {"height": 0, "size": 0, "root": hashlib.sha256(b"").hexdigest()},
+        }
+
+    def ready(self) -> tuple[bool, str]:
+        if not self._started:
+            return False, "starting"
+        if self.config.bootstrap and not self.peering.table.connected():
+            return False, "no peer connected yet"
+        return True, "serving"
+
+    async def start(self) -> None:
+        server = grpc.aio.server()
+        peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self.peering), server)
+        listen = f"{self.config.listen_host}:{self.config.grpc_port}"
+        if self.tls is None:
+            log.warning("gRPC without TLS (insecure_plaintext): for debugging only")
+            server.add_insecure_port(listen)
+        else:
+            server.add_secure_port(listen, self.tls.server_credentials())
+        await server.start()
+        self._grpc = server
+
+        app = api.build_app(self.status, self.ready)
+        await self._serve(app, self.config.http_port)
+        await self._serve(self._metrics_app(), self.config.metrics_port)
+        self._tasks = [
+            asyncio.create_task(self.peering.run(), name="peering"),
+            asyncio.create_task(self._sample_load(), name="load-sampler"),
+        ]
+        self._started = True
+        log.info(
+            "node %s (%s, %s) serving: grpc %s, http %s, metrics %s",
+            self.config.name,
+            self.config.role,
+            self.identity.node_id[:16],
+            listen,
+            self.config.http_address,
+            self.config.metrics_address,
+        )
+
+    async def _serve(self, app: web.Application, port: int) -> None:
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
+        await runner.setup()
+        await web.TCPSite(runner, self.config.listen_host, port).start()
+        self._runners.append(runner)
+
+    def _metrics_app(self) -> web.Application:
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(
+                body=self.metrics.exposition(),
+                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"},
+            )
+
+        app = web.Application()
+        app.add_routes([web.get("/metrics", metrics)])
+        return app
+
+    async def _sample_load(self) -> None:
+        sampler = LoadSampler()
+        while True:
+            await asyncio.sleep(self.config.metrics_interval)
+            self.metrics.record(sampler.sample(self.uploads_in_flight))
+            self.metrics.connected_peers.set(len(self.peering.table.connected()))
+
+    async def stop(self) -> None:
+        self._started = False
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._grpc is not None:
+            await self._grpc.stop(grace=STOP_GRACE_SECONDS / 2)
+        for runner in self._runners:
+            await runner.cleanup()
+        await self.peering.close()
+
+
+async def run(config: NodeConfig) -> None:
+    """Run a node until SIGTERM or SIGINT."""
+    node = Node(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await node.start()
+    await stop.wait()
+    log.info("node %s stopping", config.name)
+    await asyncio.wait_for(node.stop(), timeout=STOP_GRACE_SECONDS * 2)

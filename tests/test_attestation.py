@@ -1,0 +1,256 @@
+"""DSSE/in-toto attestations and the threshold-of-matching-attestations rule."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import datetime as dt
+import hashlib
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+from pyrsia_node.attestation import (
+    PAYLOAD_TYPE,
+    PREDICATE_TYPE,
+    STATEMENT_TYPE,
+    AcquiredImage,
+    Artifact,
+    Envelope,
+    InvalidSignature,
+    MalformedEnvelope,
+    MalformedStatement,
+    UnknownAuthority,
+    UnsupportedPayloadType,
+    attest,
+    decide,
+    pae,
+    verify,
+)
+from pyrsia_node.identity import Identity
+
+NOW = dt.datetime(2024, 5, 1, 12, 0, 0, tzinfo=dt.UTC)
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+def image(seed: bytes = b"a", tag: str = "1.0") -> AcquiredImage:
+    blobs = tuple(
+        sorted(
+            (
+                Artifact(digest_of(seed + bytes([i])), 10 + i, "application/octet-stream")
+                for i in range(3)
+            ),
+            key=lambda a: a.digest,
+        )
+    )
+    return AcquiredImage(
+        "docker.io",
+        "library/alpine",
+        tag,
+        Artifact(digest_of(b"m" + seed), 500, MANIFEST),
+        (),
+        blobs,
+    )
+
+
+@pytest.fixture
+def authorities() -> list[Identity]:
+    return [Identity.generate() for _ in range(4)]
+
+
+def validators(ids: list[Identity]) -> dict[str, bytes]:
+    return {i.node_id: i.public_key for i in ids}
+
+
+def test_pae_matches_the_dsse_specification_example() -> None:
+    # The worked example of the DSSE protocol document.
+    assert pae("http://example.com/HelloWorld", b"hello world") == (
+        b"DSSEv1 29 http://example.com/HelloWorld 11 hello world"
+    )
+
+
+def test_pae_counts_bytes_not_characters() -> None:
+    assert pae("t", "é".encode()) == b"DSSEv1 1 t 2 \xc3\xa9"
+
+
+def test_envelope_round_trips_and_verifies(authorities: list[Identity]) -> None:
+    attestation, envelope = attest(
+        image(), "http://up/v2/library/alpine/manifests/1.0", NOW, authorities[0]
+    )
+    parsed = Envelope.from_json(envelope.to_json())
+    assert parsed == envelope
+    assert verify(parsed, validators(authorities)) == attestation
+    assert attestation.time == "2024-05-01T12:00:00Z"
+
+
+def test_envelope_json_is_canonical_dsse(authorities: list[Identity]) -> None:
+    _, envelope = attest(image(), "http://up/x", NOW, authorities[0])
+    raw = envelope.to_json()
+    doc = json.loads(raw)
+    assert raw == json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+    assert doc["payloadType"] == PAYLOAD_TYPE
+    assert doc["signatures"][0]["keyid"] == authorities[0].node_id
+    statement = json.loads(base64.b64decode(doc["payload"]))
+    assert statement["_type"] == STATEMENT_TYPE
+    assert statement["predicateType"] == PREDICATE_TYPE
+    assert statement["predicate"]["source"] == "http://up/x"
+    assert statement["predicate"]["authority"] == authorities[0].node_id
+
+
+def test_statement_subjects_are_the_manifest_and_every_blob(authorities: list[Identity]) -> None:
+    img = image()
+    _, envelope = attest(img, "http://up/x", NOW, authorities[0])
+    subjects = json.loads(envelope.payload)["subject"]
+    assert {"sha256:" + s["digest"]["sha256"] for s in subjects} == {
+        img.root.digest,
+        *(b.digest for b in img.blobs),
+    }
+    assert all(s["name"].startswith("docker.io/library/alpine@sha256:") for s in subjects)
+
+
+def test_altered_payload_fails_signature_check(authorities: list[Identity]) -> None:
+    _, envelope = attest(image(), "http://up/x", NOW, authorities[0])
+    forged = dataclasses.replace(envelope, payload=envelope.payload.replace(b"1.0", b"6.6"))
+    with pytest.raises(InvalidSignature, match="does not verify"):
+        verify(forged, validators(authorities))
+
+
+def test_signature_over_other_payload_type_is_rejected(authorities: list[Identity]) -> None:
+    _, envelope = attest(image(), "http://up/x", NOW, authorities[0])
+    with pytest.raises(UnsupportedPayloadType):
+        verify(dataclasses.replace(envelope, payload_type="text/plain"), validators(authorities))
+
+
+def test_unknown_signer_is_rejected(authorities: list[Identity]) -> None:
+    _, envelope = attest(image(), "http://up/x", NOW, Identity.generate())
+    with pytest.raises(UnknownAuthority, match="not an authority"):
+        verify(envelope, validators(authorities))
+
+
+def test_statement_whose_subjects_disagree_with_predicate_is_rejected(
+    authorities: list[Identity],
+) -> None:
+    signer = authorities[0]
+    attestation, _ = attest(image(), "http://up/x", NOW, signer)
+    statement = attestation.statement()
+    statement["subject"].pop()
+    payload = json.dumps(statement).encode()
+    envelope = Envelope(
+        PAYLOAD_TYPE, payload, signer.node_id, signer.sign(pae(PAYLOAD_TYPE, payload))
+    )
+    with pytest.raises(MalformedStatement, match="subject digests differ"):
+        verify(envelope, validators(authorities))
+
+
+def test_authority_cannot_attest_in_anothers_name(authorities: list[Identity]) -> None:
+    attestation, _ = attest(image(), "http://up/x", NOW, authorities[1])
+    payload = attestation.payload()
+    signer = authorities[0]
+    envelope = Envelope(
+        PAYLOAD_TYPE, payload, signer.node_id, signer.sign(pae(PAYLOAD_TYPE, payload))
+    )
+    with pytest.raises(MalformedStatement, match="can only attest for itself"):
+        verify(envelope, validators(authorities))
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        b"not json",
+        b"[]",
+        b'{"payload":"eA==","payloadType":"x","signatures":[]}',
+        b'{"payload":"%%%","payloadType":"x","signatures":[{"keyid":"k","sig":"eA=="}]}',
+    ],
+)
+def test_malformed_envelopes_are_rejected(raw: bytes) -> None:
+    with pytest.raises(MalformedEnvelope):
+        Envelope.from_json(raw)
+
+
+@given(st.binary(max_size=200))
+def test_envelope_parser_never_raises_anything_but_malformed(raw: bytes) -> None:
+    with contextlib.suppress(MalformedEnvelope):
+        Envelope.from_json(raw)
+
+
+def test_quorum_of_matching_attestations_commits(authorities: list[Identity]) -> None:
+    img = image()
+    envelopes = [attest(img, "http://up/x", NOW, a)[1] for a in authorities[:3]]
+    decision = decide(envelopes, validators(authorities), threshold=3)
+    assert decision.committed == img
+    assert decision.supporters == tuple(sorted(a.node_id for a in authorities[:3]))
+    assert decision.mismatches == ()
+
+
+def test_below_threshold_nothing_commits(authorities: list[Identity]) -> None:
+    img = image()
+    envelopes = [attest(img, "http://up/x", NOW, a)[1] for a in authorities[:2]]
+    decision = decide(envelopes, validators(authorities), threshold=3)
+    assert decision.committed is None
+    assert decision.leading == img
+    assert "2 matching attestation(s), 3 required" in decision.report()
+
+
+def test_tampered_authority_is_reported_while_the_others_commit(
+    authorities: list[Identity],
+) -> None:
+    good, bad = image(b"a"), image(b"evil")
+    envelopes = [attest(good, "http://up/x", NOW, a)[1] for a in authorities[:3]]
+    envelopes.append(attest(bad, "http://tampered/x", NOW, authorities[3])[1])
+    decision = decide(envelopes, validators(authorities), threshold=3)
+    assert decision.committed == good
+    [mismatch] = decision.mismatches
+    assert mismatch.authority == authorities[3].node_id
+    assert mismatch.saw == bad
+    assert bad.root.digest in decision.report()
+
+
+def test_split_authorities_commit_nothing_and_report_each_side(
+    authorities: list[Identity],
+) -> None:
+    a, b = image(b"a"), image(b"b")
+    envelopes = [attest(a, "u", NOW, x)[1] for x in authorities[:2]]
+    envelopes += [attest(b, "u", NOW, x)[1] for x in authorities[2:]]
+    decision = decide(envelopes, validators(authorities), threshold=3)
+    assert decision.committed is None
+    assert len(decision.mismatches) == 2
+
+
+def test_one_authority_counts_once(authorities: list[Identity]) -> None:
+    img = image()
+    envelopes = [attest(img, "u", NOW, authorities[0])[1]] * 3
+    assert decide(envelopes, validators(authorities), threshold=2).committed is None
+
+
+def test_equivocating_authority_counts_for_nothing(authorities: list[Identity]) -> None:
+    a, b = image(b"a"), image(b"b")
+    envelopes = [attest(a, "u", NOW, authorities[0])[1], attest(b, "u", NOW, authorities[0])[1]]
+    envelopes.append(attest(a, "u", NOW, authorities[1])[1])
+    decision = decide(envelopes, validators(authorities), threshold=2)
+    assert decision.committed is None
+    assert decision.equivocations == (authorities[0].node_id,)
+
+
+def test_forged_envelopes_are_listed_not_counted(authorities: list[Identity]) -> None:
+    img = image()
+    outsider = Identity.generate()
+    envelopes = [attest(img, "u", NOW, a)[1] for a in authorities[:2]]
+    envelopes.append(attest(img, "u", NOW, outsider)[1])
+    decision = decide(envelopes, validators(authorities), threshold=3)
+    assert decision.committed is None
+    assert outsider.node_id in decision.rejected
+
+
+def test_different_source_urls_still_match(authorities: list[Identity]) -> None:
+    img = image()
+    envelopes = [
+        attest(img, f"http://mirror-{i}/v2/x", NOW + dt.timedelta(seconds=i), a)[1]
+        for i, a in enumerate(authorities)
+    ]
+    assert decide(envelopes, validators(authorities), threshold=4).committed == img

@@ -5,7 +5,9 @@ Invariants:
   are written to a private temp file in ``<root>/tmp/``, hashed while written, fsynced,
   checked against the expected digest and only then renamed into place (rename is atomic
   on POSIX), after which the directory is fsynced. A writer killed at any point leaves at
-  most an orphan temp file, never a visible partial blob; temp files are removed on open.
+  most an orphan temp file, never a visible partial blob; opening the store removes the
+  temp files of writer processes that no longer exist (names start with the writer's pid),
+  so several processes can share one store.
 - Concurrent writers of the same digest are safe: each has its own temp file and the
   renames replace identical content.
 - A digest is ``sha256:`` followed by 64 lowercase hex characters; nothing else is accepted,
@@ -78,7 +80,7 @@ class _TempBlob:
         self._max_size = max_size
         self._hash = hashlib.sha256()
         self.size = 0
-        fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix=digest[7:19] + ".")
+        fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix=f"{os.getpid()}.")
         self._file = os.fdopen(fd, "wb")
         self._path = Path(name)
 
@@ -106,6 +108,20 @@ class _TempBlob:
         self._path.unlink(missing_ok=True)
 
 
+def _writer_alive(temp_name: str) -> bool:
+    """Temp files are named ``<pid>.<random>``; one whose writer process is gone is an orphan."""
+    pid_text, _, _ = temp_name.partition(".")
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -121,7 +137,8 @@ class BlobStore:
         (root / "sha256").mkdir(parents=True, exist_ok=True)
         (root / "tmp").mkdir(exist_ok=True)
         for orphan in (root / "tmp").iterdir():
-            orphan.unlink(missing_ok=True)
+            if not _writer_alive(orphan.name):
+                orphan.unlink(missing_ok=True)
 
     def path(self, digest: str) -> Path:
         hexdigest = check_digest(digest)[7:]

@@ -1,0 +1,130 @@
+"""``pyrsia up`` end to end: real node processes on loopback, then nothing left behind."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pytest
+from conftest import free_port_block
+from prometheus_client.parser import text_string_to_metric_families
+from pyrsia_node.localnet import fetch_json
+
+pytestmark = pytest.mark.slow
+
+
+def node_processes(data_dir: Path) -> list[psutil.Process]:
+    found = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info["cmdline"] or []
+        is_node = "pyrsia_node" in cmdline and "--config" in cmdline
+        if is_node and any(str(data_dir) in part for part in cmdline):
+            found.append(proc)
+    return found
+
+
+def wait_for_line(process: subprocess.Popen[str], prefix: str, timeout: float) -> list[str]:
+    assert process.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith(prefix):
+            return lines
+    pytest.fail(f"no line starting {prefix!r} within {timeout} s; got:\n{''.join(lines)}")
+
+
+def start_up(data_dir: Path, base: int, authorities: int, peers: int) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            *(sys.executable, "-m", "pyrsia_node", "up", "--data-dir", str(data_dir)),
+            *("--base-port", str(base), "--authorities", str(authorities), "--peers", str(peers)),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def test_up_runs_a_healthy_network_and_stops_cleanly(tmp_path: Path) -> None:
+    data_dir = tmp_path / "net"
+    base = free_port_block(60)
+    started = time.monotonic()
+    up = start_up(data_dir, base, 4, 2)
+    try:
+        lines = wait_for_line(up, "data and logs", timeout=40)
+        healthy_after = time.monotonic() - started
+        assert any(line.startswith("pyrsia network 4+2 healthy") for line in lines)
+        assert healthy_after < 20, f"network took {healthy_after:.1f} s to become healthy"
+        statuses = {}
+        for index in range(6):
+            statuses[index] = fetch_json(f"http://127.0.0.1:{base + 10 * index}/api/v1/status")
+        roles = [statuses[i]["role"] for i in range(6)]
+        assert roles == ["authority"] * 4 + ["peer"] * 2
+        assert len({s["node_id"] for s in statuses.values()}) == 6
+        for status in statuses.values():
+            assert len(status["connected_peers"]) == 5
+            assert status["tls"] is True
+            assert status["ledger"]["size"] >= 0
+        for index in range(6):
+            url = f"http://127.0.0.1:{base + 10 * index + 2}/metrics"
+            with urllib.request.urlopen(url, timeout=5) as response:
+                text = response.read().decode()
+            names = {f.name for f in text_string_to_metric_families(text)}
+            assert {"pyrsia_node_quality_score", "pyrsia_node_load_cpu"} <= names
+            assert "process_resident_memory_bytes" in names
+        status = subprocess.run(
+            [sys.executable, "-m", "pyrsia_node", "status", "--data-dir", str(data_dir)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert status.returncode == 0, status.stderr
+        assert status.stdout.count("yes") == 6
+        assert len(node_processes(data_dir)) == 6
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=15)
+    assert up.returncode == 0
+    deadline = time.monotonic() + 5
+    while node_processes(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node_processes(data_dir) == []
+
+
+def test_nodes_die_with_a_killed_launcher(tmp_path: Path) -> None:
+    data_dir = tmp_path / "net"
+    up = start_up(data_dir, free_port_block(20), 1, 1)
+    try:
+        wait_for_line(up, "data and logs", timeout=40)
+        assert len(node_processes(data_dir)) == 2
+    finally:
+        os.kill(up.pid, signal.SIGKILL)
+        up.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while node_processes(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node_processes(data_dir) == []
+
+
+def test_node_stops_within_five_seconds_of_sigterm(tmp_path: Path) -> None:
+    data_dir = tmp_path / "net"
+    up = start_up(data_dir, free_port_block(20), 1, 1)
+    try:
+        wait_for_line(up, "data and logs", timeout=40)
+        node = node_processes(data_dir)[0]
+        started = time.monotonic()
+        node.send_signal(signal.SIGTERM)
+        node.wait(timeout=5)
+        assert time.monotonic() - started < 5
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=15)

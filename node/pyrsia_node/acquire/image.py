@@ -183,21 +183,26 @@ async def _fetch_blobs(
     concurrency: int,
 ) -> None:
     semaphore = asyncio.Semaphore(concurrency)
+    failed = False
 
     async def one(blob: Artifact) -> None:
+        nonlocal failed
         async with semaphore:
-            if store.has(blob.digest):
+            if failed or store.has(blob.digest):
                 return
-            await _fetch_blob(client, store, repository, blob)
             added.append(blob.digest)
+            try:
+                await _fetch_blob(client, store, repository, blob)
+            except BaseException:
+                failed = True
+                raise
 
-    try:
-        async with asyncio.TaskGroup() as group:
-            for blob in blobs:
-                group.create_task(one(blob))
-    except BaseExceptionGroup as failures:
-        # Report the first cause itself, so callers can catch the specific AcquireError.
-        raise failures.exceptions[0] from None
+    # Downloads in flight run to completion instead of being cancelled: a cancelled store
+    # write could still land after the cleanup; no new download starts after a failure.
+    results = await asyncio.gather(*(one(blob) for blob in blobs), return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
 
 
 async def _fetch_blob(

@@ -1,0 +1,59 @@
+"""The ledger: what the network agreed on, in a verifiable, durable, append-only log.
+
+Layout (one job per module; import the names below, the rest is internal):
+  records     canonical, versioned byte encoding of artifact and governance records
+  checkpoint  C2SP tlog-checkpoint signed notes, Ed25519 cosigning, quorum verification
+  log         durable storage: entries, Merkle tree nodes, indexes, checkpoints (SQLite WAL)
+  bundle      offline proof bundles (record + inclusion proof + checkpoint + authority keys)
+
+The Merkle hashing and proof algorithms themselves live in ``pyrsia_node.merkle``.
+"""
+
+from pyrsia_node.ledger.bundle import BundleError, ProofBundle, VerifiedBundle, verify_bundle
+from pyrsia_node.ledger.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    SignedNote,
+    cosign,
+    origin_for,
+    sign,
+    verify_checkpoint,
+)
+from pyrsia_node.ledger.log import EntryNotFound, LogError, TransparencyLog
+from pyrsia_node.ledger.records import (
+    Artifact,
+    ArtifactRecord,
+    DsseEnvelope,
+    GovernanceAction,
+    GovernanceRecord,
+    PackageType,
+    RecordError,
+    decode_record,
+    record_hash,
+)
+
+__all__ = [
+    "Artifact",
+    "ArtifactRecord",
+    "BundleError",
+    "Checkpoint",
+    "CheckpointError",
+    "DsseEnvelope",
+    "EntryNotFound",
+    "GovernanceAction",
+    "GovernanceRecord",
+    "LogError",
+    "PackageType",
+    "ProofBundle",
+    "RecordError",
+    "SignedNote",
+    "TransparencyLog",
+    "VerifiedBundle",
+    "cosign",
+    "decode_record",
+    "origin_for",
+    "record_hash",
+    "sign",
+    "verify_bundle",
+    "verify_checkpoint",
+]

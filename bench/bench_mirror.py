@@ -1,0 +1,327 @@
+"""Image mirror benchmark: our registry vs Debian's docker-registry, in one run.
+
+1. Cached serving: one blob of ``--blob-mib`` (default 1024) random bytes, served by
+   ``docker-registry`` (filesystem storage) and by ``pyrsia_node.registry`` (a separate
+   process), each downloaded ``--repeat`` times with curl to /dev/null; the ratio is
+   docker-registry time / our time (>= 1.0 means we are at least as fast). The node
+   process's RSS growth while serving is reported too.
+2. Cold acquisition (partial pull-through): one authority acquires the image from the
+   upstream (fetch, verify every digest, store, sign) and curl then pulls the blob from the
+   node, vs curl pulling the blob directly from the upstream. Consensus and peer transfer
+   are not part of this figure yet.
+
+Run from the repository root:
+    .venv/bin/python bench/bench_mirror.py [--blob-mib 1024] [--repeat 3]
+Results are printed and appended to bench/RESULTS.md with the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import hashlib
+import json
+import os
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import aiohttp
+import psutil
+from pyrsia_node.acquire import UpstreamClient, acquire_image
+from pyrsia_node.attestation import AcquiredImage, Artifact
+from pyrsia_node.genesis import Upstream
+from pyrsia_node.identity import Identity
+from pyrsia_node.registry import ImageCatalog, routes
+from pyrsia_node.store import BlobStore
+
+REPO = Path(__file__).resolve().parent.parent
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def wait_http(url: str, process: subprocess.Popen[bytes]) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"server for {url} exited with {process.returncode}")
+        try:
+            with urllib.request.urlopen(url, timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"{url} did not answer within 30s")
+
+
+def stop(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def write_random(path: Path, size: int) -> str:
+    hasher = hashlib.sha256()
+    with path.open("wb") as out:
+        remaining = size
+        while remaining:
+            chunk = os.urandom(min(remaining, 8 << 20))
+            hasher.update(chunk)
+            out.write(chunk)
+            remaining -= len(chunk)
+    return "sha256:" + hasher.hexdigest()
+
+
+async def file_chunks(path: Path) -> AsyncIterator[bytes]:
+    with path.open("rb") as handle:
+        while chunk := await asyncio.to_thread(handle.read, 4 << 20):
+            yield chunk
+
+
+async def upload(
+    session: aiohttp.ClientSession, base: str, name: str, path: Path, digest: str, size: int
+) -> None:
+    async with session.post(f"{base}/v2/{name}/blobs/uploads/") as response:
+        location = response.headers["Location"]
+    if location.startswith("/"):
+        location = base + location
+    sep = "&" if "?" in location else "?"
+    async with session.put(
+        f"{location}{sep}digest={digest}",
+        data=file_chunks(path),
+        headers={
+            "Content-Type": "application/octet-stream",
+            "Content-Length": str(size),
+        },
+    ) as response:
+        if response.status != 201:
+            raise SystemExit(
+                f"upload of {digest} failed: {response.status} {await response.text()}"
+            )
+
+
+async def seed_upstream(base: str, work: Path, size: int) -> tuple[str, str]:
+    """Push an image with one ``size``-byte layer; returns (layer digest, manifest digest)."""
+    layer = work / "layer.bin"
+    layer_digest = write_random(layer, size)
+    config = json.dumps(
+        {
+            "architecture": "amd64",
+            "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [layer_digest]},
+        }
+    ).encode()
+    config_path = work / "config.json"
+    config_path.write_bytes(config)
+    config_digest = "sha256:" + hashlib.sha256(config).hexdigest()
+    manifest = json.dumps(
+        {
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": OCI_CONFIG, "digest": config_digest, "size": len(config)},
+            "layers": [{"mediaType": OCI_LAYER, "digest": layer_digest, "size": size}],
+        }
+    ).encode()
+    timeout = aiohttp.ClientTimeout(total=600)
+    async with aiohttp.ClientSession(timeout=timeout) as session:
+        await upload(session, base, "bench/big", layer, layer_digest, size)
+        await upload(session, base, "bench/big", config_path, config_digest, len(config))
+        async with session.put(
+            f"{base}/v2/bench/big/manifests/1.0",
+            data=manifest,
+            headers={"Content-Type": OCI_MANIFEST},
+        ) as response:
+            if response.status != 201:
+                raise SystemExit(f"manifest push failed: {response.status}")
+    layer.unlink()
+    return layer_digest, "sha256:" + hashlib.sha256(manifest).hexdigest()
+
+
+def curl_seconds(url: str) -> float:
+    result = subprocess.run(
+        ["curl", "-sS", "-f", "-o", "/dev/null", "-w", "%{time_total}", url],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=True,
+    )
+    return float(result.stdout)
+
+
+def serve_node(store_root: str, image_json: str, port: str) -> None:
+    """Child process: our registry over a store and one committed image."""
+    from aiohttp import web
+
+    doc = json.loads(image_json)
+    image = AcquiredImage(
+        doc["registry"],
+        doc["repository"],
+        doc["tag"],
+        Artifact(**doc["root"]),
+        (),
+        tuple(Artifact(**b) for b in doc["blobs"]),
+    )
+    catalog = ImageCatalog()
+    catalog.add(image)
+    app = web.Application()
+    app.add_routes(routes(catalog, BlobStore(Path(store_root)), default_registry=image.registry))
+    web.run_app(app, host="127.0.0.1", port=int(port), print=None, access_log=None)
+
+
+def image_json(image: AcquiredImage) -> str:
+    def art(a: Artifact) -> dict[str, object]:
+        return {"digest": a.digest, "size": a.size, "media_type": a.media_type}
+
+    return json.dumps(
+        {
+            "registry": image.registry,
+            "repository": image.repository,
+            "tag": image.tag,
+            "root": art(image.root),
+            "blobs": [art(b) for b in image.blobs],
+        }
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--blob-mib", type=int, default=1024)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    args = parser.parse_args()
+    for tool in ("docker-registry", "curl"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} is not installed; apt-get install it first")
+    size = args.blob_mib << 20
+    with tempfile.TemporaryDirectory(prefix="bench-mirror-") as tmp:
+        work = Path(tmp)
+        port = free_port()
+        config = work / "registry.yml"
+        config.write_text(
+            f"version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n"
+            f"    rootdirectory: {work / 'upstream'}\nhttp:\n  addr: 127.0.0.1:{port}\n"
+        )
+        upstream = subprocess.Popen(
+            ["docker-registry", "serve", str(config)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        node: subprocess.Popen[bytes] | None = None
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_http(base + "/v2/", upstream)
+            layer, _ = asyncio.run(seed_upstream(base, work, size))
+
+            async def acquire() -> tuple[AcquiredImage, float]:
+                start = time.perf_counter()
+                async with aiohttp.ClientSession() as session:
+                    client = UpstreamClient(
+                        Upstream(f"127.0.0.1:{port}", base, insecure=True), session
+                    )
+                    acquisition = await acquire_image(
+                        client, BlobStore(work / "node"), "bench/big", "1.0", Identity.generate()
+                    )
+                return acquisition.image, time.perf_counter() - start
+
+            direct_cold = curl_seconds(f"{base}/v2/bench/big/blobs/{layer}")
+            image, acquire_seconds = asyncio.run(acquire())
+
+            node_port = free_port()
+            node = subprocess.Popen(
+                [
+                    sys.executable,
+                    __file__,
+                    "--serve-node",
+                    str(work / "node"),
+                    image_json(image),
+                    str(node_port),
+                ],
+            )
+            node_base = f"http://127.0.0.1:{node_port}"
+            wait_http(node_base + "/v2/", node)
+            node_proc = psutil.Process(node.pid)
+            rss_before = node_proc.memory_info().rss
+            first_from_node = curl_seconds(f"{node_base}/v2/bench/big/blobs/{layer}")
+
+            ours, theirs = [], []
+            for _ in range(args.repeat):
+                theirs.append(curl_seconds(f"{base}/v2/bench/big/blobs/{layer}"))
+                ours.append(curl_seconds(f"{node_base}/v2/bench/big/blobs/{layer}"))
+            rss_growth = (node_proc.memory_info().rss - rss_before) / (1 << 20)
+        finally:
+            if node is not None:
+                stop(node)
+            stop(upstream)
+
+    ours_med, theirs_med = statistics.median(ours), statistics.median(theirs)
+    mib = args.blob_mib
+    cached_ratio = theirs_med / ours_med
+    cold_ratio = (acquire_seconds + first_from_node) / direct_cold
+    command = f".venv/bin/python bench/bench_mirror.py --blob-mib {mib} --repeat {args.repeat}"
+    rows = [
+        (
+            f"cached {mib} MiB blob, docker-registry (median of {args.repeat})",
+            f"{theirs_med:.3f} s ({mib / theirs_med:.0f} MiB/s)",
+        ),
+        (
+            f"cached {mib} MiB blob, pyrsia registry (median of {args.repeat})",
+            f"{ours_med:.3f} s ({mib / ours_med:.0f} MiB/s)",
+        ),
+        ("**cached serving speed vs docker-registry** (goal >= 1.0x)", f"**{cached_ratio:.2f}x**"),
+        (
+            f"node RSS growth while serving {args.repeat + 1} downloads",
+            f"{rss_growth:.1f} MiB (limit 32 MiB)",
+        ),
+        ("direct cold pull of the blob from upstream", f"{direct_cold:.3f} s"),
+        (
+            "one authority's acquisition (fetch, verify, store, sign) + pull from the node",
+            f"{acquire_seconds:.3f} s + {first_from_node:.3f} s",
+        ),
+        (
+            "**cold acquisition-through vs direct** (goal <= 1.5x; no consensus/peer hop yet)",
+            f"**{cold_ratio:.2f}x**",
+        ),
+    ]
+    lines = [
+        f"### Image mirror ({dt.date.today().isoformat()}, {os.cpu_count()} CPUs, loopback)",
+        "",
+        f"Command: `{command}`",
+        "",
+        "| figure | value |",
+        "|---|---|",
+        *(f"| {name} | {value} |" for name, value in rows),
+        "",
+    ]
+    report = "\n".join(lines)
+    print(report)
+    if not args.no_record:
+        with (REPO / "bench" / "RESULTS.md").open("a") as results:
+            results.write("\n" + report)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 5 and sys.argv[1] == "--serve-node":
+        serve_node(*sys.argv[2:])
+    else:
+        main()

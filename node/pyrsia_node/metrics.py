@@ -8,10 +8,15 @@ project conventions: prefix ``pyrsia_``, base units, no peer ids or artifact nam
 
 from __future__ import annotations
 
+import asyncio
+import logging
+import math
+import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+import aiohttp
 import psutil
 from prometheus_client import (
     CollectorRegistry,
@@ -21,8 +26,11 @@ from prometheus_client import (
     ProcessCollector,
     generate_latest,
 )
+from prometheus_client.parser import text_string_to_metric_families
 
 from pyrsia_node.config import Weights
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,3 +147,115 @@ class NodeMetrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+# Provider choice: read candidates' scores from their /metrics, order them for a download.
+#
+# Power of two choices: each pick samples two remaining candidates at random and takes the
+# lower score. The best provider is still favoured, but a crowd of downloaders choosing at
+# the same moment from the same (cached) scores spreads over the good ones instead of all
+# landing on the single lowest. Unreachable candidates go last, in random order.
+
+QUALITY_SCORE_METRIC = "pyrsia_node_quality_score"
+
+
+class ScrapeError(Exception):
+    """A /metrics page could not be used; the message says why."""
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    """A possible provider and its last known score (None: its /metrics is unreachable)."""
+
+    key: str
+    metrics_address: str
+    score: float | None
+
+
+def parse_quality_score(text: str) -> float:
+    """The value of ``pyrsia_node_quality_score`` in a Prometheus text exposition."""
+    try:
+        for family in text_string_to_metric_families(text):
+            if family.name == QUALITY_SCORE_METRIC:
+                for sample in family.samples:
+                    if sample.name == QUALITY_SCORE_METRIC:
+                        value = float(sample.value)
+                        if not math.isfinite(value):
+                            raise ScrapeError(f"{QUALITY_SCORE_METRIC} is {value}")
+                        return value
+    except ValueError as exc:
+        raise ScrapeError(f"unparsable metrics page: {exc}") from exc
+    raise ScrapeError(f"no {QUALITY_SCORE_METRIC} on the metrics page")
+
+
+def choose_providers(candidates: Sequence[Candidate], rng: random.Random) -> list[Candidate]:
+    """All candidates in the order to use them: power of two choices, unreachable last."""
+    pool = [c for c in candidates if c.score is not None]
+    ordered: list[Candidate] = []
+    while pool:
+        if len(pool) == 1:
+            pick = pool[0]
+        else:
+            first, second = rng.sample(pool, 2)
+            assert first.score is not None and second.score is not None
+            pick = first if first.score <= second.score else second
+        ordered.append(pick)
+        pool.remove(pick)
+    unreachable = [c for c in candidates if c.score is None]
+    rng.shuffle(unreachable)
+    return ordered + unreachable
+
+
+class ScoreScraper:
+    """Scrapes candidates' /metrics concurrently with a short timeout and caches each score
+    (or its absence) for ``ttl`` seconds, so choosing providers costs at most one round trip.
+    """
+
+    def __init__(
+        self,
+        timeout: float = 0.5,
+        ttl: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.timeout = timeout
+        self.ttl = ttl
+        self._clock = clock
+        self._cache: dict[str, tuple[float, float | None]] = {}
+        self._session: aiohttp.ClientSession | None = None
+        self.scrapes = 0
+
+    async def _fetch(self, address: str) -> float | None:
+        if self._session is None:
+            self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=self.timeout))
+        self.scrapes += 1
+        try:
+            async with self._session.get(f"http://{address}/metrics") as response:
+                if response.status != 200:
+                    raise ScrapeError(f"HTTP {response.status}")
+                return parse_quality_score(await response.text())
+        except (aiohttp.ClientError, TimeoutError, ScrapeError) as exc:
+            log.debug("metrics of %s unusable: %s", address, exc)
+            return None
+
+    async def score(self, address: str) -> float | None:
+        cached = self._cache.get(address)
+        now = self._clock()
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        value = await self._fetch(address)
+        self._cache[address] = (self._clock(), value)
+        return value
+
+    async def rank(self, candidates: Sequence[tuple[str, str]], rng: random.Random) -> list[str]:
+        """Keys of ``(key, metrics_address)`` candidates, in the order to use them."""
+        scores = await asyncio.gather(*(self.score(address) for _, address in candidates))
+        scored = [
+            Candidate(key, address, value)
+            for (key, address), value in zip(candidates, scores, strict=True)
+        ]
+        return [c.key for c in choose_providers(scored, rng)]
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None

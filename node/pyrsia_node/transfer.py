@@ -1,0 +1,561 @@
+"""Blob transfer between nodes: the provider side (``TransferServicer``) and the downloader.
+
+Wire contract: ``protos/pyrsia/v1/transfer.proto``. A downloader splits a blob into
+segments of whole chunks and reads each segment as one server stream; several providers
+serve different segments at once, each with at most ``min(our limit, its max_in_flight)``
+streams open.
+
+How bad bytes are caught (the choice, and why): without trusted per-chunk digests a single
+chunk cannot be proven right, only the whole blob can. So there are two checks.
+1. Every chunk carries the SHA-256 its provider computed over the bytes it read. A chunk
+   whose bytes do not match its own stated hash proves that provider (or the path from it)
+   corrupts data: it is dropped at once, penalised, and its segment resumes elsewhere from
+   the last chunk that did verify.
+2. The assembled blob is streamed in order into ``BlobStore.put_stream``, which hashes it
+   and makes it visible only if the digest matches. If several providers contributed and
+   the digest fails, nobody can be blamed yet, so the download is repeated one provider
+   at a time; a provider whose single-source download fails the digest is penalised.
+   Honest providers are never penalised for another's lie.
+
+A penalised provider is excluded from downloads until its penalty expires (``Penalties``).
+A busy provider answers RESOURCE_EXHAUSTED ("busy: ..."); it is replaced by another
+provider if there is one and is not penalised.
+
+What it must never do: make partial blobs visible, trust a provider's bytes before the
+whole digest matched, or queue a downloader behind a provider's full upload slots.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import heapq
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Coroutine, Sequence
+from dataclasses import dataclass, field
+from typing import BinaryIO, Protocol
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter
+from pyrsia.v1 import transfer_pb2, transfer_pb2_grpc
+
+from pyrsia_node.dht import Provider
+from pyrsia_node.store import BlobNotFound, BlobStore, DigestMismatch, StoreError, check_digest
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CHUNK_SIZE = 1 << 20
+MAX_CHUNK_SIZE = 2 << 20  # stays well under gRPC's default 4 MiB message limit
+BUSY_PREFIX = "busy:"
+MAX_BUSY_RETRIES = 50  # busy replies one download tolerates before giving up on them
+
+
+class TransferError(Exception):
+    """Base class of download failures."""
+
+
+class NoProviders(TransferError):
+    def __init__(self, digest: str) -> None:
+        super().__init__(
+            f"no usable provider for {digest}: none announced it, or all are penalised; "
+            "check that a node holding it is connected"
+        )
+        self.digest = digest
+
+
+class DownloadFailed(TransferError):
+    def __init__(self, digest: str, reasons: Sequence[str]) -> None:
+        joined = "; ".join(reasons) or "no provider answered"
+        super().__init__(f"download of {digest} failed from every provider: {joined}")
+        self.digest = digest
+        self.reasons = tuple(reasons)
+
+
+class _ProviderFailed(Exception):
+    """One provider misbehaved or went away during a download."""
+
+    def __init__(self, provider: Provider, reason: str, busy: bool = False) -> None:
+        super().__init__(f"{provider.node_id[:16]} ({provider.grpc_address}): {reason}")
+        self.provider = provider
+        self.busy = busy
+
+
+class _BadChunk(Exception):
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+
+
+class TransferMetrics:
+    """Counters of the transfer layer; no labels, so no peer ids or artifact names."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.downloaded_bytes = Counter(
+            "pyrsia_transfer_downloaded_bytes",
+            "Blob bytes received from peers and verified chunk by chunk",
+            registry=registry,
+        )
+        self.uploaded_bytes = Counter(
+            "pyrsia_transfer_uploaded_bytes", "Blob bytes served to peers", registry=registry
+        )
+        self.bad_chunks = Counter(
+            "pyrsia_transfer_bad_chunks",
+            "Chunks whose bytes did not match their stated SHA-256",
+            registry=registry,
+        )
+        self.penalties = Counter(
+            "pyrsia_transfer_provider_penalties",
+            "Providers penalised for sending bytes that failed verification",
+            registry=registry,
+        )
+        self.replacements = Counter(
+            "pyrsia_transfer_provider_replacements",
+            "Providers replaced mid-download after an error, a stall or bad bytes",
+            registry=registry,
+        )
+        self.busy_replies = Counter(
+            "pyrsia_transfer_busy_replies",
+            "Read or Stat calls this node refused because all upload slots were taken",
+            registry=registry,
+        )
+
+
+class UploadCounter(Protocol):
+    """Whatever publishes the node's in-flight uploads (the ``Node`` itself)."""
+
+    uploads_in_flight: int
+
+
+Acquire = Callable[[str], Coroutine[object, object, None]]
+
+
+def _read_chunk(handle: BinaryIO, size: int) -> tuple[bytes, bytes]:
+    data = handle.read(size)
+    return data, hashlib.sha256(data).digest()
+
+
+class TransferServicer(transfer_pb2_grpc.TransferServicer):
+    """Serves chunks of local blobs, at most ``max_uploads`` streams at once.
+
+    ``acquire`` (authorities only) fetches a blob from its upstream into the store; it runs
+    once per digest however many downloaders ask at the same time.
+    """
+
+    def __init__(
+        self,
+        store: BlobStore,
+        uploads: UploadCounter,
+        metrics: TransferMetrics,
+        *,
+        max_uploads: int = 32,
+        max_in_flight: int = 4,
+        max_chunk_size: int = MAX_CHUNK_SIZE,
+        acquire: Acquire | None = None,
+    ) -> None:
+        self._store = store
+        self._uploads = uploads
+        self._metrics = metrics
+        self.max_uploads = max_uploads
+        self.max_in_flight = max_in_flight
+        self.max_chunk_size = max_chunk_size
+        self._acquire = acquire
+        self._acquiring: dict[str, asyncio.Task[None]] = {}
+        self.active = 0
+        self.reads_served = 0
+
+    def _busy_message(self) -> str:
+        return (
+            f"{BUSY_PREFIX} serving {self.active} uploads (limit {self.max_uploads}); "
+            "try another provider"
+        )
+
+    async def _acquire_once(self, digest: str) -> None:
+        assert self._acquire is not None
+        task = self._acquiring.get(digest)
+        if task is None:
+            task = asyncio.create_task(self._acquire(digest), name=f"acquire {digest[:19]}")
+            self._acquiring[digest] = task
+            task.add_done_callback(lambda _: self._acquiring.pop(digest, None))
+        await asyncio.shield(task)
+
+    async def Stat(  # noqa: N802 (gRPC method name)
+        self, request: transfer_pb2.StatRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> transfer_pb2.StatResponse:
+        try:
+            digest = check_digest(request.digest)
+        except StoreError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+        if not self._store.has(digest) and request.acquire and self._acquire is not None:
+            await self._acquire_once(digest)
+        try:
+            size = self._store.size(digest)
+        except BlobNotFound:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND, f"{digest} is not here; ask another provider"
+            )
+        return transfer_pb2.StatResponse(
+            size=size, max_chunk_size=self.max_chunk_size, max_in_flight=self.max_in_flight
+        )
+
+    async def Read(  # noqa: N802 (gRPC method name)
+        self, request: transfer_pb2.ReadRequest, context: grpc.aio.ServicerContext[object, object]
+    ) -> AsyncIterator[transfer_pb2.Chunk]:
+        if self.active >= self.max_uploads:
+            self._metrics.busy_replies.inc()
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy_message())
+        chunk_size = request.chunk_size
+        if not 0 < chunk_size <= self.max_chunk_size or request.offset % chunk_size:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"chunk_size must be in (0, {self.max_chunk_size}] and divide the offset",
+            )
+        try:
+            handle = await asyncio.to_thread(self._store.open, check_digest(request.digest))
+        except (BlobNotFound, StoreError) as exc:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"{exc}; ask another provider")
+        self.active += 1
+        self._uploads.uploads_in_flight += 1
+        self.reads_served += 1
+        try:
+            size = await asyncio.to_thread(lambda: handle.seek(0, 2))
+            end = request.offset + request.length
+            if end > size:
+                await context.abort(
+                    grpc.StatusCode.OUT_OF_RANGE, f"range ends at {end}, blob has {size} bytes"
+                )
+            await asyncio.to_thread(handle.seek, request.offset)
+            offset = request.offset
+            while offset < end:
+                data, digest = await asyncio.to_thread(
+                    _read_chunk, handle, min(chunk_size, end - offset)
+                )
+                yield transfer_pb2.Chunk(offset=offset, data=data, sha256=digest)
+                self._metrics.uploaded_bytes.inc(len(data))
+                offset += len(data)
+        finally:
+            self.active -= 1
+            self._uploads.uploads_in_flight -= 1
+            await asyncio.to_thread(handle.close)
+
+
+@dataclass(slots=True)
+class _PenaltyEntry:
+    until: float
+    count: int
+
+
+class Penalties:
+    """Providers caught sending bad bytes, excluded until their penalty ends.
+
+    Repeat offenders are excluded for longer: the n-th penalty lasts ``base * 2**(n-1)``.
+    """
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic, base: float = 300.0) -> None:
+        self._clock = clock
+        self._base = base
+        self._entries: dict[str, _PenaltyEntry] = {}
+
+    def penalise(self, node_id: str, reason: str) -> None:
+        entry = self._entries.get(node_id)
+        count = 1 if entry is None else entry.count + 1
+        until = self._clock() + self._base * 2 ** (count - 1)
+        self._entries[node_id] = _PenaltyEntry(until, count)
+        log.warning("penalised provider %s (%d times): %s", node_id[:16], count, reason)
+
+    def is_penalised(self, node_id: str) -> bool:
+        entry = self._entries.get(node_id)
+        return entry is not None and entry.until > self._clock()
+
+    def count(self, node_id: str) -> int:
+        entry = self._entries.get(node_id)
+        return 0 if entry is None else entry.count
+
+
+@dataclass(frozen=True, slots=True)
+class DownloadReport:
+    digest: str
+    size: int
+    chunks_by_provider: dict[str, int] = field(default_factory=dict)
+    failures: tuple[str, ...] = ()
+
+
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+
+
+class Downloader:
+    """Fetches blobs from providers into the store. One instance per node."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        channel: ChannelFactory,
+        penalties: Penalties,
+        metrics: TransferMetrics,
+        *,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        segment_chunks: int = 8,
+        max_in_flight_per_provider: int = 4,
+        max_providers: int = 4,
+        stall_timeout: float = 5.0,
+        window: int = 64 << 20,
+        rpc_timeout: float = 5.0,
+        acquire_timeout: float = 600.0,
+        busy_backoff: float = 0.2,
+    ) -> None:
+        self.store = store
+        self.channel = channel
+        self.penalties = penalties
+        self.metrics = metrics
+        self.chunk_size = chunk_size
+        self.segment_chunks = segment_chunks
+        self.max_in_flight_per_provider = max_in_flight_per_provider
+        self.max_providers = max_providers
+        self.stall_timeout = stall_timeout
+        self.window = window
+        self.rpc_timeout = rpc_timeout
+        self.acquire_timeout = acquire_timeout
+        self.busy_backoff = busy_backoff
+
+    def _usable(self, providers: Sequence[Provider]) -> list[Provider]:
+        return [p for p in providers if not self.penalties.is_penalised(p.node_id)]
+
+    async def download(
+        self, digest: str, providers: Sequence[Provider], acquire: bool = False
+    ) -> DownloadReport:
+        """Download ``digest`` from ``providers`` (best first) into the store.
+
+        ``acquire`` asks authorities to fetch the blob from upstream when they lack it.
+        """
+        check_digest(digest)
+        usable = self._usable(providers)
+        if not usable:
+            raise NoProviders(digest)
+        attempt = _Attempt(self, digest, usable, self.max_providers, acquire)
+        try:
+            return await attempt.run()
+        except DigestMismatch:
+            contributors = attempt.contributors()
+            if len(contributors) == 1:
+                self._penalise(contributors[0], f"its bytes do not hash to {digest}")
+        reasons = list(attempt.failures)
+        reasons.append("assembled bytes failed the digest; retrying one provider at a time")
+        for provider in self._usable(providers):
+            single = _Attempt(self, digest, [provider], 1, acquire)
+            try:
+                return await single.run()
+            except DigestMismatch:
+                self._penalise(provider.node_id, f"its bytes do not hash to {digest}")
+                reasons.append(f"{provider.node_id[:16]}: bytes failed the digest")
+            except DownloadFailed as exc:
+                reasons.extend(exc.reasons)
+        raise DownloadFailed(digest, reasons)
+
+    def _penalise(self, node_id: str, reason: str) -> None:
+        self.metrics.penalties.inc()
+        self.penalties.penalise(node_id, reason)
+
+
+class _Attempt:
+    """One download of one blob from a set of providers; the owner of its mutable state."""
+
+    def __init__(
+        self,
+        downloader: Downloader,
+        digest: str,
+        providers: Sequence[Provider],
+        parallel: int,
+        acquire: bool,
+    ) -> None:
+        self.d = downloader
+        self.digest = digest
+        self.acquire = acquire
+        self.parallel = parallel
+        self.spares: collections.deque[Provider] = collections.deque(providers)
+        self.failures: list[str] = []
+        self.size = -1
+        self.chunk_size = downloader.chunk_size
+        self.next_offset = 0
+        self.pending: list[tuple[int, int]] = []  # heap of (offset, end) not yet taken
+        self.buffer: dict[int, bytes] = {}
+        self.chunks_by_provider: dict[str, int] = {}
+        self.changed = asyncio.Condition()
+        self.active: set[asyncio.Task[None]] = set()
+        self.failed = False
+        self.busy_replies = 0
+
+    def contributors(self) -> list[str]:
+        return [n for n, count in self.chunks_by_provider.items() if count]
+
+    async def _stat(self, provider: Provider) -> transfer_pb2.StatResponse:
+        stub = transfer_pb2_grpc.TransferStub(self.d.channel(provider.grpc_address))
+        timeout = self.d.acquire_timeout if self.acquire else self.d.rpc_timeout
+        try:
+            return await stub.Stat(
+                transfer_pb2.StatRequest(digest=self.digest, acquire=self.acquire),
+                timeout=timeout,
+            )
+        except grpc.aio.AioRpcError as exc:
+            busy = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            raise _ProviderFailed(
+                provider, f"stat: {exc.code().name} {exc.details()}", busy
+            ) from exc
+
+    async def _discover_size(self) -> None:
+        while self.spares:
+            provider = self.spares.popleft()
+            try:
+                stat = await self._stat(provider)
+            except _ProviderFailed as exc:
+                self.failures.append(str(exc))
+                continue
+            self.size = stat.size
+            self.chunk_size = min(self.d.chunk_size, stat.max_chunk_size)
+            self.spares.appendleft(provider)
+            return
+        raise DownloadFailed(self.digest, self.failures)
+
+    async def run(self) -> DownloadReport:
+        await self._discover_size()
+        segment = self.chunk_size * self.d.segment_chunks
+        self.pending = [(o, min(o + segment, self.size)) for o in range(0, self.size, segment)]
+        heapq.heapify(self.pending)
+        for _ in range(min(self.parallel, len(self.spares))):
+            self._activate(self.spares.popleft())
+        try:
+            await self.d.store.put_stream(self.digest, self._ordered(), max_size=self.size)
+        finally:
+            for task in list(self.active):
+                task.cancel()
+            for task in list(self.active):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        return DownloadReport(
+            self.digest, self.size, dict(self.chunks_by_provider), tuple(self.failures)
+        )
+
+    def _activate(self, provider: Provider) -> None:
+        task = asyncio.create_task(self._serve_from(provider), name=f"download from {provider}")
+        self.active.add(task)
+        task.add_done_callback(self.active.discard)
+
+    async def _ordered(self) -> AsyncIterator[bytes]:
+        while self.next_offset < self.size:
+            async with self.changed:
+                await self.changed.wait_for(lambda: self.next_offset in self.buffer or self.failed)
+                if self.next_offset not in self.buffer:
+                    raise DownloadFailed(self.digest, self.failures)
+                data = self.buffer.pop(self.next_offset)
+                self.next_offset += len(data)
+                self.changed.notify_all()
+            yield data
+
+    async def _take(self) -> tuple[int, int] | None:
+        """The lowest range not yet taken, within the memory window; None when complete."""
+        async with self.changed:
+            await self.changed.wait_for(
+                lambda: (
+                    self.next_offset >= self.size
+                    or self.failed
+                    or (
+                        bool(self.pending) and self.pending[0][0] < self.next_offset + self.d.window
+                    )
+                )
+            )
+            if self.next_offset >= self.size or self.failed:
+                return None
+            return heapq.heappop(self.pending)
+
+    async def _give_back(self, offset: int, end: int) -> None:
+        if offset < end:
+            async with self.changed:
+                heapq.heappush(self.pending, (offset, end))
+                self.changed.notify_all()
+
+    async def _serve_from(self, provider: Provider) -> None:
+        """Run this provider's streams; on failure hand its work to the next provider."""
+        try:
+            stat = await self._stat(provider)
+            if stat.size != self.size:
+                raise _ProviderFailed(provider, f"says size {stat.size}, others {self.size}")
+            if stat.max_chunk_size < self.chunk_size:
+                raise _ProviderFailed(provider, f"max chunk {stat.max_chunk_size} too small")
+            slots = max(1, min(self.d.max_in_flight_per_provider, stat.max_in_flight))
+            stub = transfer_pb2_grpc.TransferStub(self.d.channel(provider.grpc_address))
+            async with asyncio.TaskGroup() as group:
+                for _ in range(slots):
+                    group.create_task(self._stream(provider, stub))
+        except* _ProviderFailed as group_error:
+            first = group_error.exceptions[0]
+            assert isinstance(first, _ProviderFailed)
+            await self._replace(first)
+
+    async def _replace(self, failure: _ProviderFailed) -> None:
+        self.failures.append(str(failure))
+        provider = failure.provider
+        if failure.busy and self.busy_replies < MAX_BUSY_RETRIES:
+            self.busy_replies += 1
+            self.spares.append(provider)
+            if len(self.spares) == 1 and not self.active - {asyncio.current_task()}:
+                await asyncio.sleep(self.d.busy_backoff)
+        else:
+            self.d.metrics.replacements.inc()
+            log.info("replacing provider of %s: %s", self.digest[:19], failure)
+        if self.spares and self.next_offset < self.size:
+            self._activate(self.spares.popleft())
+        elif not self.active - {asyncio.current_task()}:
+            async with self.changed:
+                self.failed = True
+                self.changed.notify_all()
+
+    async def _stream(self, provider: Provider, stub: transfer_pb2_grpc.TransferAsyncStub) -> None:
+        while (taken := await self._take()) is not None:
+            offset, end = taken
+            call = stub.Read(
+                transfer_pb2.ReadRequest(
+                    digest=self.digest,
+                    offset=offset,
+                    length=end - offset,
+                    chunk_size=self.chunk_size,
+                )
+            )
+            try:
+                chunks = call.__aiter__()
+                while offset < end:
+                    chunk = await asyncio.wait_for(anext(chunks), self.d.stall_timeout)
+                    await self._check(chunk, offset, end)
+                    async with self.changed:
+                        self.buffer[offset] = chunk.data
+                        self.chunks_by_provider[provider.node_id] = (
+                            self.chunks_by_provider.get(provider.node_id, 0) + 1
+                        )
+                        self.changed.notify_all()
+                    self.d.metrics.downloaded_bytes.inc(len(chunk.data))
+                    offset += len(chunk.data)
+            except _BadChunk as exc:
+                self.d.metrics.bad_chunks.inc()
+                self.d._penalise(provider.node_id, str(exc))
+                raise _ProviderFailed(provider, f"bad chunk: {exc}") from exc
+            except grpc.aio.AioRpcError as exc:
+                busy = exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+                raise _ProviderFailed(provider, f"{exc.code().name} {exc.details()}", busy) from exc
+            except TimeoutError as exc:
+                raise _ProviderFailed(provider, f"stalled for {self.d.stall_timeout}s") from exc
+            except StopAsyncIteration as exc:
+                raise _ProviderFailed(provider, f"stream ended at {offset} before {end}") from exc
+            finally:
+                call.cancel()
+                # Resume point: every byte before ``offset`` was verified and buffered.
+                await self._give_back(offset, end)
+
+    async def _check(self, chunk: transfer_pb2.Chunk, offset: int, end: int) -> None:
+        expected = min(self.chunk_size, end - offset)
+        if chunk.offset != offset or len(chunk.data) != expected:
+            raise _BadChunk(
+                f"chunk at {chunk.offset} with {len(chunk.data)} bytes, expected "
+                f"{expected} bytes at {offset}"
+            )
+        actual = await asyncio.to_thread(lambda: hashlib.sha256(chunk.data).digest())
+        if actual != chunk.sha256:
+            raise _BadChunk(f"chunk at {offset} does not match its stated sha256")

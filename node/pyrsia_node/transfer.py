@@ -421,7 +421,11 @@ class _Attempt:
         segment = self.chunk_size * self.d.segment_chunks
         self.pending = [(o, min(o + segment, self.size)) for o in range(0, self.size, segment)]
         heapq.heapify(self.pending)
-        for _ in range(min(self.parallel, len(self.spares))):
+        # A small blob is not worth spreading: use only as many providers as it takes to
+        # fill their stream slots, the best-ranked first.
+        slots = self.d.max_in_flight_per_provider
+        wanted = min(self.parallel, len(self.spares), -(-len(self.pending) // slots))
+        for _ in range(max(1, wanted)):
             self._activate(self.spares.popleft())
         try:
             await self.d.store.put_stream(self.digest, self._ordered(), max_size=self.size)

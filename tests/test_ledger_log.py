@@ -10,34 +10,43 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from pyrsia_node import merkle
 from pyrsia_node.identity import Identity
 from pyrsia_node.ledger.checkpoint import Checkpoint, SignedNote, sign
 from pyrsia_node.ledger.log import EntryNotFound, LogError, LogLocked, TransparencyLog
-from pyrsia_node.ledger.records import (
-    IN_TOTO_PAYLOAD_TYPE,
-    Artifact,
-    ArtifactRecord,
-    DsseEnvelope,
-    GovernanceAction,
-    GovernanceRecord,
-    PackageType,
-    RecordError,
-)
+from pyrsia_node.ledger.records import GovernanceAction, GovernanceRecord, RecordError
 
-ENVELOPE = DsseEnvelope(IN_TOTO_PAYLOAD_TYPE, b"{}", (("authority-0", b"s" * 64),))
+# Shared verbatim with the writer subprocess, which must not import pytest (start-up time).
+RECORD_SOURCE = textwrap.dedent(
+    """
+    from pyrsia_node.ledger.records import (
+        IN_TOTO_PAYLOAD_TYPE, Artifact, ArtifactRecord, DsseEnvelope, PackageType,
+    )
+
+    ENVELOPE = DsseEnvelope(IN_TOTO_PAYLOAD_TYPE, b"{}", (("authority-0", b"s" * 64),))
+
+
+    def record(i):
+        tag = f"v{i}" if i % 3 else "latest"
+        return ArtifactRecord(
+            PackageType.DOCKER,
+            f"docker.io/library/pkg{i % 7}:{tag}",
+            (Artifact(f"sha256:{i:064x}", i, "application/vnd.oci.image.manifest.v1+json"),),
+            (ENVELOPE,),
+        ).encode()
+    """
+)
+_namespace: dict[str, Any] = {}
+exec(RECORD_SOURCE, _namespace)
 
 
 def record(i: int) -> bytes:
     """Record ``i`` of a test log: seven packages, each with many versions."""
-    return ArtifactRecord(
-        PackageType.DOCKER,
-        f"docker.io/library/pkg{i % 7}:v{i}" if i % 3 else f"docker.io/library/pkg{i % 7}:latest",
-        (Artifact(f"sha256:{i:064x}", i, "application/vnd.oci.image.manifest.v1+json"),),
-        (ENVELOPE,),
-    ).encode()
+    value: bytes = _namespace["record"](i)
+    return value
 
 
 @pytest.fixture
@@ -172,12 +181,10 @@ def test_integrity_check_detects_a_tampered_node(tmp_path: Path) -> None:
         log.verify_integrity()
 
 
-WRITER = textwrap.dedent(
+WRITER_LOOP = textwrap.dedent(
     """
     import random, sys
     from pathlib import Path
-    sys.path.insert(0, sys.argv[3])
-    from test_ledger_log import record
     from pyrsia_node.ledger.log import TransparencyLog
 
     log = TransparencyLog(Path(sys.argv[1]))
@@ -190,6 +197,7 @@ WRITER = textwrap.dedent(
         print("done", end, flush=True)
     """
 )
+WRITER = RECORD_SOURCE + WRITER_LOOP
 
 
 @pytest.mark.slow
@@ -209,7 +217,7 @@ def test_writer_killed_at_random_points_leaves_a_whole_batch(tmp_path: Path) -> 
         assert time.monotonic() < deadline, "crash test exceeded its time budget"
         before = expected.size
         proc = subprocess.Popen(
-            [sys.executable, str(script), str(directory), str(attempt), str(Path(__file__).parent)],
+            [sys.executable, str(script), str(directory), str(attempt)],
             stdout=subprocess.PIPE,
             text=True,
             env=env,
@@ -222,8 +230,10 @@ def test_writer_killed_at_random_points_leaves_a_whole_batch(tmp_path: Path) -> 
             time.sleep(rng.uniform(0, 0.06))
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=10)
-        lines = [line.split() for line in proc.stdout.read().splitlines()]
+        output = proc.stdout.read()
         proc.stdout.close()
+        lines = [line.split() for line in output.splitlines()]
+        assert all(len(fields) == 2 for fields in lines), output
         done = [int(v) for k, v in lines if k == "done"]
         begun = [int(v) for k, v in lines if k == "begin"]
         last_done = max(done, default=before)

@@ -326,14 +326,15 @@ def _common_volumes(network: NetworkSpec) -> list[dict[str, Any]]:
     ]
 
 
-def _pvc_template(size: str, storage_class: str | None) -> dict[str, Any]:
+def _pvc_template(network: NetworkSpec, size: str, storage_class: str | None) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "accessModes": ["ReadWriteOnce"],
         "resources": {"requests": {"storage": size}},
     }
     if storage_class is not None:
         spec["storageClassName"] = storage_class
-    return {"metadata": {"name": "data"}, "spec": spec}
+    # The network label lets the operator find the claims when pvcRetention is Delete.
+    return {"metadata": {"name": "data", "labels": {LABEL_NETWORK: network.name}}, "spec": spec}
 
 
 def template_hash(template: Mapping[str, Any]) -> str:
@@ -419,7 +420,7 @@ def authority_statefulset(
             },
             "template": template,
             "volumeClaimTemplates": [
-                _pvc_template(authority.storage.size, authority.storage.storage_class)
+                _pvc_template(network, authority.storage.size, authority.storage.storage_class)
             ],
             "persistentVolumeClaimRetentionPolicy": _retention(network),
         },
@@ -481,7 +482,7 @@ def peer_workload(network: NetworkSpec, owner: Owner) -> dict[str, Any]:
                 "serviceName": f"{network.name}-peers",
                 "podManagementPolicy": "Parallel",
                 "volumeClaimTemplates": [
-                    _pvc_template(peers.storage.size, peers.storage.storage_class)
+                    _pvc_template(network, peers.storage.size, peers.storage.storage_class)
                 ],
                 "persistentVolumeClaimRetentionPolicy": _retention(network),
             }

@@ -217,6 +217,11 @@ async def reconcile_network(
     name, namespace = meta["name"], meta["namespace"]
     generation = int(meta.get("generation") or 0)
     async with ctx.lock(namespace, name), metrics.reconciling("PyrsiaNetwork"):
+        # Re-read under the lock: a handler and the timer may both hold an older body.
+        fresh = await ctx.kube.get(API_VERSION, "PyrsiaNetwork", namespace, name)
+        if fresh is None:
+            return
+        body = fresh
         status = dict(body.get("status") or {})
         try:
             net = parse_network(name, namespace, body.get("spec") or {})
@@ -424,7 +429,11 @@ async def _write_status(
     status["conditions"] = merged
     status["observedGeneration"] = generation
     for cond in changed:
-        bad = (cond.type == conditions.DEGRADED) == (cond.status == "True")
+        bad = (
+            cond.status == "True"
+            if cond.type == conditions.DEGRADED
+            else cond.type in (conditions.READY, conditions.QUORUM) and cond.status == "False"
+        )
         _event(
             body,
             type="Warning" if bad else "Normal",

@@ -16,11 +16,9 @@ from typing import Any
 
 import kopf
 import pytest
-
-import pyrsia_operator.handlers as handlers
 from pyrsia_node.genesis import Genesis
 from pyrsia_node.identity import verify_signature
-from pyrsia_operator import governance
+from pyrsia_operator import governance, handlers
 from pyrsia_operator.kube import Connection, Kube
 from pyrsia_operator.nodestatus import NodeStatus
 
@@ -142,9 +140,9 @@ def network_body(name: str = "net", **spec: Any) -> dict[str, Any]:
     }
 
 
-async def eventually(probe: Callable[[], Any], timeout: float = 30, what: str = "condition") -> Any:
+async def eventually(probe: Callable[[], Any], seconds: float = 30, what: str = "condition") -> Any:
     """Poll ``probe`` (sync or async) until it returns something truthy."""
-    for _ in range(int(timeout * 10)):
+    for _ in range(int(seconds * 10)):
         result = probe()
         if asyncio.iscoroutine(result):
             result = await result

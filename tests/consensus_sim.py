@@ -208,6 +208,8 @@ class Simulation:
         self.canonical_sizes: list[int] = []
         self.signed: dict[tuple[bytes, int, int, MessageKind], bytes] = {}
         self.equivocations = 0
+        self.restarts = 0
+        self.wiped_restarts = 0
 
     # Setup ------------------------------------------------------------------------------
 
@@ -374,6 +376,8 @@ class Simulation:
         state_lost = node.wiped
         node.wiped = False
         self.trace.append(f"{self.now:.3f} restart n{node.index} lost={state_lost}")
+        self.restarts += 1
+        self.wiped_restarts += state_lost
         self._boot(node, restored, state_lost=state_lost and restored is None)
 
     def _heal(self) -> None:

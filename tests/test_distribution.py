@@ -1,9 +1,8 @@
 """Whole nodes in one event loop, over mutual TLS on loopback, with distribution attached.
 
-``Node.start()`` does not call ``Distribution.register`` yet (the lead wires it), so these
-tests stand in for that one line: they wrap ``grpc.aio.server`` so the server a node
-creates gets the Dht and Transfer services registered before it starts, exactly where
-the wiring will put them. Everything else (peering, TLS, stores, metrics) is the real node.
+Each node's own ``Distribution`` (attached by ``Node``) is used as is; the authority gets a
+counting stand-in for its upstream origin, so the tests can assert the upstream served
+each blob exactly once. Everything else (peering, TLS, stores, metrics, DHT) is the real node.
 """
 
 from __future__ import annotations
@@ -14,14 +13,12 @@ from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-import grpc
 import pytest
 from conftest import free_port_block
 from pyrsia_node import config
 from pyrsia_node.config import Weights
-from pyrsia_node.distribution import Distribution, attach
+from pyrsia_node.distribution import Distribution
 from pyrsia_node.genesis import create_network
 from pyrsia_node.server import Node
 from pyrsia_node.transfer import TransferServicer
@@ -58,19 +55,8 @@ class Cluster:
         return self.distributions[1:]
 
 
-async def start_cluster(
-    root: Path, monkeypatch: pytest.MonkeyPatch, peers: int, upstream: Upstream
-) -> Cluster:
+async def start_cluster(root: Path, peers: int, upstream: Upstream) -> Cluster:
     network = create_network(root, authorities=1, peers=peers, base_port=free_port_block(200))
-    real_server: Callable[..., grpc.aio.Server] = grpc.aio.server
-    registering: list[Distribution] = []
-
-    def server_with_distribution(*args: Any, **kwargs: Any) -> grpc.aio.Server:
-        server = real_server(*args, **kwargs)
-        registering.pop().register(server)
-        return server
-
-    monkeypatch.setattr(grpc.aio, "server", server_with_distribution)
     nodes: list[Node] = []
     distributions: list[Distribution] = []
     for spec in network.nodes:
@@ -81,18 +67,17 @@ async def start_cluster(
             await asyncio.sleep(0.2)  # an upstream round trip, so concurrent askers overlap
             await node.store.put_bytes(digest, upstream.blobs[digest])
 
-        distribution = attach(node, origin=origin if spec.role == "authority" else None)
-        registering.append(distribution)
+        distribution = node.distribution
+        if spec.role == "authority":
+            distribution.origin = origin
         await node.start()
-        await distribution.start()
         nodes.append(node)
         distributions.append(distribution)
     return Cluster(nodes, distributions, upstream)
 
 
 async def stop_cluster(cluster: Cluster) -> None:
-    for node, distribution in zip(cluster.nodes, cluster.distributions, strict=True):
-        await distribution.stop()
+    for node in cluster.nodes:
         await node.stop()
 
 
@@ -105,10 +90,10 @@ async def wait_for(predicate: Callable[[], bool], seconds: float, what: str) -> 
 
 @pytest.fixture
 async def fan_out_cluster(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path,
 ) -> AsyncIterator[Cluster]:
     blobs = dict(blob(size, seed) for seed, size in enumerate([3 << 20, 1 << 20, 9_000]))
-    cluster = await start_cluster(tmp_path, monkeypatch, 8, Upstream(blobs))
+    cluster = await start_cluster(tmp_path, 8, Upstream(blobs))
     try:
         await wait_for(
             lambda: all(len(d.dht.table) for d in cluster.distributions), 15, "dht joined"
@@ -149,11 +134,9 @@ async def test_downloaded_blob_is_provided_and_served_by_peers(fan_out_cluster: 
     assert await third.node.store.read(digest) == cluster.upstream.blobs[digest]
 
 
-async def test_busy_provider_receives_fewer_requests_than_idle_ones(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_busy_provider_receives_fewer_requests_than_idle_ones(tmp_path: Path) -> None:
     blobs = dict(blob(64 * 1024, 100 + i) for i in range(12))
-    cluster = await start_cluster(tmp_path, monkeypatch, 4, Upstream(blobs))
+    cluster = await start_cluster(tmp_path, 4, Upstream(blobs))
     try:
         providers, downloader = cluster.peers[:3], cluster.peers[3]
         busy = providers[0]
@@ -180,7 +163,7 @@ def test_attach_builds_services_for_the_node_role(tmp_path: Path) -> None:
     network = create_network(tmp_path, authorities=1, peers=1, base_port=free_port_block(20))
     authority = Node(config.load(network.nodes[0].config_file, environ={}))
     peer = Node(config.load(network.nodes[1].config_file, environ={}))
-    authority_services, peer_services = attach(authority), attach(peer)
+    authority_services, peer_services = authority.distribution, peer.distribution
     assert isinstance(authority_services.transfer, TransferServicer)
     assert authority_services.transfer._acquire is not None
     assert peer_services.transfer._acquire is None, "peers never acquire from upstream"

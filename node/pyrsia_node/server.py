@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import signal
 import time
@@ -20,8 +19,11 @@ from aiohttp import web
 from pyrsia.v1 import peer_pb2, peer_pb2_grpc
 
 from pyrsia_node import __version__, api, identity
+from pyrsia_node.api.ledger import routes as ledger_routes
 from pyrsia_node.config import NodeConfig
+from pyrsia_node.distribution import attach
 from pyrsia_node.genesis import Genesis, GenesisError
+from pyrsia_node.ledger import TransparencyLog
 from pyrsia_node.metrics import LoadSampler, NodeMetrics
 from pyrsia_node.peering import Peering, PeerServicer, sign_node_info
 from pyrsia_node.store import BlobStore
@@ -44,6 +46,7 @@ class Node:
                 f"genesis {config.genesis_path}; run it with role 'peer' or use an authority key"
             )
         self.store = BlobStore(config.data_dir / "blobs")
+        self.ledger = TransparencyLog(config.data_dir / "ledger")
         self.metrics = NodeMetrics(config.weights, config.role, __version__)
         self.tls = (
             None
@@ -59,6 +62,9 @@ class Node:
             interval=1.0,
         )
         self.uploads_in_flight = 0
+        # Peer-to-peer blob distribution (DHT + transfer). Authorities get their upstream
+        # origin from the acquisition path; until one is set they serve what they hold.
+        self.distribution = attach(self)
         self._started = False
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
@@ -111,7 +117,11 @@ class Node:
                 }
                 for p in peers
             ],
-            "ledger": {"height": 0, "size": 0, "root": hashlib.sha256(b"").hexdigest()},
+            "ledger": {
+                "height": 0,
+                "size": self.ledger.size,
+                "root": self.ledger.root().hex(),
+            },
         }
 
     def ready(self) -> tuple[bool, str]:
@@ -124,6 +134,7 @@ class Node:
     async def start(self) -> None:
         server = grpc.aio.server()
         peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self.peering), server)
+        self.distribution.register(server)
         listen = f"{self.config.listen_host}:{self.config.grpc_port}"
         if self.tls is None:
             log.warning("gRPC without TLS (insecure_plaintext): for debugging only")
@@ -133,13 +144,14 @@ class Node:
         await server.start()
         self._grpc = server
 
-        app = api.build_app(self.status, self.ready)
+        app = api.build_app(self.status, self.ready, ledger_routes(self.ledger))
         await self._serve(app, self.config.http_port)
         await self._serve(self._metrics_app(), self.config.metrics_port)
         self._tasks = [
             asyncio.create_task(self.peering.run(), name="peering"),
             asyncio.create_task(self._sample_load(), name="load-sampler"),
         ]
+        await self.distribution.start()
         self._started = True
         log.info(
             "node %s (%s, %s) serving: grpc %s, http %s, metrics %s",
@@ -177,6 +189,7 @@ class Node:
 
     async def stop(self) -> None:
         self._started = False
+        await self.distribution.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -187,6 +200,7 @@ class Node:
         for runner in self._runners:
             await runner.cleanup()
         await self.peering.close()
+        self.ledger.close()
 
 
 async def run(config: NodeConfig) -> None:

@@ -364,10 +364,13 @@ class Simulation:
     def _guarded(self, node: SimNode) -> bool:
         if node.wiped:
             return True
-        if node.core is None:
-            return False
-        floor = node.core.signing_floor
-        return floor is None or node.core.height < floor
+        if node.core is not None:
+            floor, height = node.core.signing_floor, node.core.height
+        elif node.wal is not None:
+            floor, height = WalState.decode(node.wal).signing_floor, len(node.ledger) + 1
+        else:
+            return True
+        return floor is None or height < floor
 
     def _restart(self, node: SimNode) -> None:
         if node.core is not None:

@@ -1,0 +1,687 @@
+"""The asyncio/gRPC shell around the consensus core.
+
+`ConsensusService` feeds the core events (messages from authenticated streams, fired
+timers, submitted records, synced blocks) one at a time from a single queue and executes
+the actions it returns, in order:
+
+* `Persist` is awaited (fsync in a thread) before any later action runs, so no signed
+  message leaves before its write-ahead state is durable;
+* `Commit` appends the block and certificate to the block store, the block's records to
+  the transparency log, then cosigns the log's new checkpoint and broadcasts the
+  cosignature; cosignatures from other authorities are verified and merged into the
+  stored checkpoint note;
+* `Broadcast` goes to every other authority through the transport; `RequestSync` fetches
+  committed blocks from a peer and feeds them back as `CommitReceived`.
+
+Nodes that are not validators (peers) run the same core as followers: they never sign,
+open no consensus streams and follow the chain with `GetBlocks(follow=True)`, accepting a
+block only with a commit certificate of a quorum of that height's validator set.
+
+The network is a `ConsensusTransport` (the gRPC one here, fakes in tests); the clock is a
+parameter. This module logs with context and never logs key material.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
+from functools import partial
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+from pyrsia.v1 import consensus_pb2 as pb
+from pyrsia.v1 import consensus_pb2_grpc as pb_grpc
+
+from pyrsia_node.consensus.blocks import BlockStore
+from pyrsia_node.consensus.chain import ChainState
+from pyrsia_node.consensus.core import (
+    Action,
+    Broadcast,
+    Commit,
+    CommitReceived,
+    ConsensusConfig,
+    ConsensusCore,
+    EquivocationFound,
+    Event,
+    Persist,
+    ProposalReceived,
+    RecordSubmitted,
+    RequestSync,
+    ScheduleTimeout,
+    TimeoutFired,
+    VoteReceived,
+)
+from pyrsia_node.consensus.governance import governance_decoder, governance_record
+from pyrsia_node.consensus.mempool import Mempool, MempoolLimits, RecordRejected
+from pyrsia_node.consensus.messages import Block, CommitCertificate, Proposal
+from pyrsia_node.consensus.validators import ValidatorSet
+from pyrsia_node.consensus.wal import Step, WalState, WriteAheadFile
+from pyrsia_node.consensus.wire import (
+    WireError,
+    committed_from_pb,
+    committed_to_pb,
+    hello_signing_bytes,
+    message_from_pb,
+    message_to_pb,
+    verify_hello,
+)
+from pyrsia_node.genesis import Genesis
+from pyrsia_node.identity import Identity, verify_signature
+from pyrsia_node.ledger.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    NoteSignature,
+    SignedNote,
+    key_id,
+    origin_for,
+    sign,
+)
+from pyrsia_node.ledger.log import LogError, TransparencyLog
+from pyrsia_node.ledger.records import RecordError, decode_record
+
+log = logging.getLogger(__name__)
+
+WAL_FILE = "wal"
+BLOCKS_FILE = "blocks"
+SYNC_BATCH = 64
+MAX_BLOCKS_PER_REQUEST = 256
+RECONNECT_SECONDS = 0.5
+FETCH_TIMEOUT_SECONDS = 10.0
+
+ChannelFactory = Callable[[str], grpc.aio.Channel]
+
+
+def initialize_state(directory: Path) -> None:
+    """Record that this node's key has never signed: call once when the key is created
+    together with its data directory (e.g. by `pyrsia up`), never after a data loss.
+
+    A validator started without this file assumes its state was lost while its key was in
+    use and refuses to sign until it has caught up (see `ConsensusCore`)."""
+    wal = WriteAheadFile(directory / WAL_FILE)
+    if wal.load() is None:
+        wal.append(WalState(0, 0, Step.NEW_HEIGHT, -1, None, -1, None, (), 0))
+
+
+class ConsensusTransport(Protocol):
+    """How consensus messages and blocks travel; `GrpcTransport` in production."""
+
+    def set_authorities(self, addresses: Mapping[bytes, str], stream: bool) -> None:
+        """The authorities (public key -> gRPC address) to talk to; `stream`: whether this
+        node sends them consensus messages (validators do, followers do not)."""
+
+    def broadcast(self, envelope: pb.ConsensusEnvelope) -> None:
+        """Queue `envelope` for every authority; never blocks (drops the oldest when full)."""
+
+    def fetch_blocks(
+        self, peer: bytes, from_height: int, limit: int, follow: bool
+    ) -> AsyncIterator[pb.CommittedBlock]:
+        """Committed blocks from `peer`, from `from_height` on."""
+
+    async def close(self) -> None: ...
+
+
+class GrpcTransport:
+    """One outgoing client stream per other authority, each opened with a signed hello."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        chain_id: str,
+        channel: ChannelFactory,
+        wall_clock_ms: Callable[[], int],
+        queue_size: int = 10_000,
+    ) -> None:
+        self._identity = identity
+        self._chain_id = chain_id
+        self._channel = channel
+        self._wall_clock_ms = wall_clock_ms
+        self._queue_size = queue_size
+        self._addresses: dict[bytes, str] = {}
+        self._queues: dict[bytes, asyncio.Queue[pb.ConsensusEnvelope]] = {}
+        self._senders: dict[bytes, asyncio.Task[None]] = {}
+
+    def set_authorities(self, addresses: Mapping[bytes, str], stream: bool) -> None:
+        me = self._identity.public_key
+        self._addresses = {k: a for k, a in addresses.items() if k != me}
+        wanted = set(self._addresses) if stream else set()
+        for key in set(self._senders) - wanted:
+            self._senders.pop(key).cancel()
+            self._queues.pop(key, None)
+        for key in wanted - set(self._senders):
+            queue: asyncio.Queue[pb.ConsensusEnvelope] = asyncio.Queue(self._queue_size)
+            self._queues[key] = queue
+            self._senders[key] = asyncio.create_task(
+                self._send_loop(key, queue), name=f"consensus-stream-{key.hex()[:8]}"
+            )
+
+    def broadcast(self, envelope: pb.ConsensusEnvelope) -> None:
+        for queue in self._queues.values():
+            if queue.full():
+                queue.get_nowait()
+            queue.put_nowait(envelope)
+
+    def _hello(self, receiver: bytes) -> pb.StreamHello:
+        now = self._wall_clock_ms()
+        me = self._identity.public_key
+        signature = self._identity.sign(hello_signing_bytes(self._chain_id, me, receiver, now))
+        return pb.StreamHello(
+            public_key=me,
+            chain_id=self._chain_id,
+            receiver=receiver,
+            timestamp_ms=now,
+            signature=signature,
+        )
+
+    async def _send_loop(self, key: bytes, queue: asyncio.Queue[pb.ConsensusEnvelope]) -> None:
+        while True:
+            address = self._addresses.get(key)
+            if address is None:
+                return
+            channel = self._channel(address)
+            try:
+                stub = pb_grpc.ConsensusStub(channel)
+
+                async def envelopes() -> AsyncIterator[pb.ConsensusEnvelope]:
+                    yield pb.ConsensusEnvelope(hello=self._hello(key))
+                    while True:
+                        yield await queue.get()
+
+                await stub.Stream(envelopes())
+            except grpc.aio.AioRpcError as exc:
+                log.debug("consensus stream to %s ended: %s", address, exc.code())
+            finally:
+                await channel.close(None)
+            await asyncio.sleep(RECONNECT_SECONDS)
+
+    async def fetch_blocks(
+        self, peer: bytes, from_height: int, limit: int, follow: bool
+    ) -> AsyncIterator[pb.CommittedBlock]:
+        address = self._addresses.get(peer)
+        if address is None:
+            return
+        channel = self._channel(address)
+        try:
+            stub = pb_grpc.ConsensusStub(channel)
+            call = stub.GetBlocks(
+                pb.GetBlocksRequest(from_height=from_height, limit=limit, follow=follow),
+                timeout=None if follow else FETCH_TIMEOUT_SECONDS,
+            )
+            async for item in call:
+                yield item
+        finally:
+            await channel.close(None)
+
+    async def close(self) -> None:
+        for task in self._senders.values():
+            task.cancel()
+        for task in self._senders.values():
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._senders.clear()
+        self._queues.clear()
+
+
+class ConsensusService:
+    """Consensus for one node: construct, `register(grpc_server)`, `await start()`,
+    `await stop()`."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        genesis: Genesis,
+        directory: Path,
+        ledger: TransparencyLog | None,
+        transport: ConsensusTransport,
+        *,
+        config: ConsensusConfig | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall_clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
+        mempool_limits: MempoolLimits | None = None,
+        record_valid: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        self.identity = identity
+        self.genesis = genesis
+        self.directory = directory
+        self.ledger = ledger
+        self.transport = transport
+        self.config = config or ConsensusConfig(genesis.chain_id)
+        self._clock = clock
+        self._wall_clock_ms = wall_clock_ms
+        self._decoder = governance_decoder(genesis)
+        self._record_valid = record_valid or _canonical_record
+        self.mempool = Mempool(
+            mempool_limits or MempoolLimits(), self._in_ledger, self._record_valid
+        )
+        self._wal = WriteAheadFile(directory / WAL_FILE)
+        self._blocks: BlockStore | None = None
+        self._core: ConsensusCore | None = None
+        self._events: asyncio.Queue[Event] = asyncio.Queue()
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._sync_task: asyncio.Task[None] | None = None
+        self._new_block = asyncio.Condition()
+        self._addresses = {a.public_key: a.grpc_address for a in genesis.authorities}
+        self._names = {a.public_key: a.name for a in genesis.authorities}
+        self._cosignatures: dict[int, list[tuple[bytes, NoteSignature]]] = {}
+        self.equivocations = 0
+
+    # Wiring -----------------------------------------------------------------------------
+
+    def register(self, server: grpc.aio.Server) -> None:
+        pb_grpc.add_ConsensusServicer_to_server(ConsensusServicer(self), server)
+
+    @property
+    def core(self) -> ConsensusCore:
+        if self._core is None:
+            raise RuntimeError("the consensus service has not been started")
+        return self._core
+
+    @property
+    def blocks(self) -> BlockStore:
+        if self._blocks is None:
+            raise RuntimeError("the consensus service has not been started")
+        return self._blocks
+
+    @property
+    def started(self) -> bool:
+        return self._core is not None
+
+    @property
+    def height(self) -> int:
+        """Height of the last committed block."""
+        return 0 if self._blocks is None else self._blocks.height
+
+    def is_validator(self) -> bool:
+        chain = self.core.chain
+        me = self.identity.public_key
+        return me in chain.validators or me in chain.next_validators
+
+    def is_authority(self, key: bytes) -> bool:
+        chain = self.core.chain
+        return key in chain.validators or key in chain.next_validators
+
+    def status(self) -> dict[str, object]:
+        core = self.core
+        return {
+            "height": self.height,
+            "round": core.round,
+            "step": core.step.name.lower(),
+            "validators": len(core.chain.validators),
+            "validator": self.is_validator(),
+            "signing_floor": core.signing_floor,
+            "pending_records": len(self.mempool),
+            "equivocations": self.equivocations,
+        }
+
+    async def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self._blocks = await asyncio.to_thread(BlockStore, self.directory / BLOCKS_FILE)
+        restored = await asyncio.to_thread(self._wal.load)
+        chain = ChainState.genesis(ValidatorSet.from_genesis(self.genesis))
+        for height in range(1, self._blocks.height + 1):
+            block, _ = self._blocks.get(height)
+            chain = chain.after(block, self._decoder)
+            self._learn_authorities(block)
+        if self.ledger is not None:
+            await asyncio.to_thread(self._catch_up_ledger)
+        self._core = ConsensusCore(
+            self.config,
+            self.identity,
+            chain,
+            clock=self._clock,
+            verify=verify_signature,
+            validator_set_change=self._decoder,
+            record_valid=self._record_valid,
+            restored=restored,
+            state_lost=restored is None,
+        )
+        if restored is None and self.is_validator():
+            log.warning(
+                "consensus: no write-ahead state in %s; this key will not sign until the node "
+                "has caught up past every height it may have signed at",
+                self.directory,
+            )
+        self._update_transport()
+        self._tasks.append(asyncio.create_task(self._run(), name="consensus-core"))
+        if not self.is_validator():
+            self._tasks.append(asyncio.create_task(self._follow(), name="consensus-follow"))
+        self._events.put_nowait(_START)
+
+    async def stop(self) -> None:
+        for handle in self._timers:
+            handle.cancel()
+        self._timers.clear()
+        tasks = [*self._tasks, *([self._sync_task] if self._sync_task else [])]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        await self.transport.close()
+
+    # Inputs -----------------------------------------------------------------------------
+
+    def submit(self, record: bytes) -> bool:
+        """Offer a record; True when it is new. Raises `RecordRejected` with the reason."""
+        if not self.mempool.admit(record):
+            return False
+        self._events.put_nowait(RecordSubmitted(record))
+        return True
+
+    def receive(self, sender: bytes, envelope: pb.ConsensusEnvelope) -> None:
+        """An envelope from the authenticated authority `sender`."""
+        body = envelope.WhichOneof("body")
+        if body == "cosignature":
+            self._on_cosignature(sender, envelope.cosignature)
+            return
+        try:
+            message = message_from_pb(envelope)
+        except (WireError, ValueError) as exc:
+            log.warning("consensus: malformed message from %s: %s", sender.hex()[:16], exc)
+            return
+        event: Event = (
+            ProposalReceived(message) if isinstance(message, Proposal) else VoteReceived(message)
+        )
+        self._events.put_nowait(event)
+
+    async def blocks_from(
+        self, from_height: int, limit: int, follow: bool
+    ) -> AsyncIterator[tuple[Block, CommitCertificate]]:
+        height = max(from_height, 1)
+        remaining = limit if limit > 0 else (1 << 62 if follow else MAX_BLOCKS_PER_REQUEST)
+        remaining = remaining if follow else min(remaining, MAX_BLOCKS_PER_REQUEST)
+        while remaining > 0:
+            for item in self.blocks.range(height, min(remaining, SYNC_BATCH)):
+                yield item
+                height += 1
+                remaining -= 1
+            if not follow:
+                if height > self.blocks.height or remaining <= 0:
+                    return
+                continue
+            async with self._new_block:
+                await self._new_block.wait_for(partial(self._has_height, height))
+
+    def _has_height(self, height: int) -> bool:
+        return self.blocks.height >= height
+
+    # The loop ---------------------------------------------------------------------------
+
+    async def _run(self) -> None:
+        while True:
+            event = await self._events.get()
+            core = self.core
+            actions = core.start() if event is _START else core.handle(event)
+            await self._execute(actions)
+
+    async def _execute(self, actions: list[Action]) -> None:
+        loop = asyncio.get_running_loop()
+        for action in actions:
+            if isinstance(action, Persist):
+                await asyncio.to_thread(self._wal.append, action.state)
+            elif isinstance(action, Broadcast):
+                self.transport.broadcast(message_to_pb(action.message))
+            elif isinstance(action, ScheduleTimeout):
+                self._schedule(loop, action)
+            elif isinstance(action, Commit):
+                await self._commit(action.block, action.certificate)
+            elif isinstance(action, RequestSync):
+                if self._sync_task is None or self._sync_task.done():
+                    self._sync_task = asyncio.create_task(
+                        self._sync(action.peer, action.from_height), name="consensus-sync"
+                    )
+            elif isinstance(action, EquivocationFound):
+                self.equivocations += 1
+                first = action.first
+                log.warning(
+                    "consensus: equivocation by %s at height %d round %d",
+                    (first.proposer if isinstance(first, Proposal) else first.validator).hex()[:16],
+                    first.height,
+                    first.round,
+                )
+
+    def _schedule(self, loop: asyncio.AbstractEventLoop, action: ScheduleTimeout) -> None:
+        event = TimeoutFired(action.timeout)
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            self._events.put_nowait(event)
+
+        handle = loop.call_later(action.delay, fire)
+        self._timers.add(handle)
+
+    async def _commit(self, block: Block, cert: CommitCertificate) -> None:
+        await asyncio.to_thread(self._persist_commit, block, cert)
+        self.mempool.committed(block.records)
+        self._learn_authorities(block)
+        self._update_transport()
+        async with self._new_block:
+            self._new_block.notify_all()
+        log.info(
+            "consensus: committed height %d (%d records, round %d)",
+            block.height,
+            len(block.records),
+            cert.round,
+        )
+        if self.ledger is not None and self.identity.public_key in self._names:
+            await asyncio.to_thread(self._cosign, block.height)
+
+    def _persist_commit(self, block: Block, cert: CommitCertificate) -> None:
+        self.blocks.append(block, cert)
+        if self.ledger is not None and block.records:
+            self.ledger.append(block.records)
+
+    def _catch_up_ledger(self) -> None:
+        """Re-append records of stored blocks the ledger lost in a crash between the two."""
+        ledger = self.ledger
+        if ledger is None:
+            return
+        expected = 0
+        for height in range(1, self.blocks.height + 1):
+            block, _ = self.blocks.get(height)
+            start = expected
+            expected += len(block.records)
+            if ledger.size < expected:
+                ledger.append(block.records[ledger.size - start :])
+
+    # Checkpoints ------------------------------------------------------------------------
+
+    def _cosign(self, height: int) -> None:
+        ledger = self.ledger
+        assert ledger is not None
+        name = self._names[self.identity.public_key]
+        checkpoint = Checkpoint(origin_for(self.genesis.chain_id), ledger.size, ledger.root())
+        own = sign(checkpoint, name, self.identity)
+        note = self._stored_note(checkpoint) or SignedNote(checkpoint.body(), ())
+        note = note.with_signature(own)
+        for signer, signature in self._cosignatures.pop(checkpoint.size, []):
+            if self._cosignature_valid(checkpoint, signer, signature):
+                note = note.with_signature(signature)
+        ledger.put_checkpoint(note.format())
+        self.transport.broadcast(
+            pb.ConsensusEnvelope(
+                cosignature=pb.CheckpointCosignature(
+                    height=height,
+                    tree_size=checkpoint.size,
+                    root=checkpoint.root,
+                    name=own.name,
+                    key_id=own.key_id,
+                    signature=own.signature,
+                )
+            )
+        )
+
+    def _stored_note(self, checkpoint: Checkpoint) -> SignedNote | None:
+        assert self.ledger is not None
+        text = self.ledger.checkpoint(checkpoint.size)
+        if text is None:
+            return None
+        note = SignedNote.parse(text)
+        return note if note.body == checkpoint.body() else None
+
+    def _cosignature_valid(self, checkpoint: Checkpoint, signer: bytes, sig: NoteSignature) -> bool:
+        return self._names.get(signer) == sig.name and (
+            sig.key_id == key_id(sig.name, signer)
+            and verify_signature(signer, sig.signature, checkpoint.body())
+        )
+
+    def _on_cosignature(self, sender: bytes, message: pb.CheckpointCosignature) -> None:
+        try:
+            signature = NoteSignature(message.name, message.key_id, message.signature)
+        except (CheckpointError, ValueError):
+            return
+        ledger = self.ledger
+        if ledger is None:
+            return
+        if message.tree_size > ledger.size:
+            pending = self._cosignatures.setdefault(message.tree_size, [])
+            if len(pending) < 4 * len(self._names) and len(self._cosignatures) < 1024:
+                pending.append((sender, signature))
+            return
+        try:
+            checkpoint = Checkpoint(
+                origin_for(self.genesis.chain_id), message.tree_size, message.root
+            )
+            if message.root != ledger.root(message.tree_size):
+                log.warning(
+                    "consensus: %s cosigned a root for tree size %d that is not ours",
+                    self._names.get(sender, sender.hex()[:16]),
+                    message.tree_size,
+                )
+                return
+            if not self._cosignature_valid(checkpoint, sender, signature):
+                return
+            note = self._stored_note(checkpoint) or SignedNote(checkpoint.body(), ())
+            ledger.put_checkpoint(note.with_signature(signature).format())
+        except (CheckpointError, LogError) as exc:
+            log.warning("consensus: cosignature for size %d dropped: %s", message.tree_size, exc)
+
+    # Sync and follow --------------------------------------------------------------------
+
+    async def _sync(self, peer: bytes, from_height: int) -> None:
+        try:
+            async for item in self.transport.fetch_blocks(peer, from_height, SYNC_BATCH, False):
+                self._events.put_nowait(CommitReceived(*committed_from_pb(item)))
+        except (grpc.aio.AioRpcError, WireError, ValueError) as exc:
+            log.debug("consensus: block sync from %s failed: %s", peer.hex()[:16], exc)
+
+    async def _follow(self) -> None:
+        """Followers: stream committed blocks from one authority after another."""
+        index = 0
+        while True:
+            authorities = sorted(self.core.chain.validators.validators)
+            peer = authorities[index % len(authorities)]
+            index += 1
+            try:
+                stream = self.transport.fetch_blocks(peer, self.height + 1, 0, True)
+                async for item in stream:
+                    self._events.put_nowait(CommitReceived(*committed_from_pb(item)))
+            except (grpc.aio.AioRpcError, WireError, ValueError) as exc:
+                log.debug("consensus: following %s failed: %s", peer.hex()[:16], exc)
+            await asyncio.sleep(RECONNECT_SECONDS)
+
+    # Authorities ------------------------------------------------------------------------
+
+    def _learn_authorities(self, block: Block) -> None:
+        for record in block.records:
+            governance = governance_record(self.genesis, record)
+            if governance is not None and governance.grpc_address:
+                self._addresses[governance.public_key] = governance.grpc_address
+                self._names[governance.public_key] = governance.name
+
+    def _update_transport(self) -> None:
+        chain = self.core.chain
+        keys = set(chain.validators.validators) | set(chain.next_validators.validators)
+        addresses = {k: self._addresses[k] for k in keys if k in self._addresses}
+        self.transport.set_authorities(addresses, stream=self.is_validator())
+
+    def _in_ledger(self, record_hash: bytes) -> bool:
+        if self.ledger is None:
+            return False
+        try:
+            self.ledger.index_of(record_hash)
+        except LogError:
+            return False
+        return True
+
+
+def _canonical_record(record: bytes) -> bool:
+    try:
+        decode_record(record)
+    except RecordError:
+        return False
+    return True
+
+
+_START: Event = RecordSubmitted(b"")  # sentinel: the first event starts the core
+
+
+class ConsensusServicer(pb_grpc.ConsensusServicer):
+    def __init__(self, service: ConsensusService) -> None:
+        self._service = service
+
+    async def Stream(  # noqa: N802 (gRPC method name)
+        self,
+        request_iterator: AsyncIterator[pb.ConsensusEnvelope],
+        context: grpc.aio.ServicerContext[pb.ConsensusEnvelope, pb.StreamSummary],
+    ) -> pb.StreamSummary:
+        service = self._service
+        if not service.started:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "consensus is starting; retry")
+        sender: bytes | None = None
+        received = 0
+        async for envelope in request_iterator:
+            if sender is None:
+                if envelope.WhichOneof("body") != "hello":
+                    await context.abort(
+                        grpc.StatusCode.UNAUTHENTICATED, "a consensus stream starts with a hello"
+                    )
+                try:
+                    sender = verify_hello(
+                        envelope.hello,
+                        service.genesis.chain_id,
+                        service.identity.public_key,
+                        service._wall_clock_ms(),
+                    )
+                except WireError as exc:
+                    await context.abort(grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                    raise
+                if not service.is_authority(sender):
+                    await context.abort(
+                        grpc.StatusCode.PERMISSION_DENIED,
+                        "only authorities may open consensus streams",
+                    )
+                continue
+            service.receive(sender, envelope)
+            received += 1
+        return pb.StreamSummary(received=received)
+
+    async def GetBlocks(  # noqa: N802 (gRPC method name)
+        self,
+        request: pb.GetBlocksRequest,
+        context: grpc.aio.ServicerContext[pb.GetBlocksRequest, pb.CommittedBlock],
+    ) -> AsyncIterator[pb.CommittedBlock]:
+        if not self._service.started:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "consensus is starting; retry")
+        async for block, cert in self._service.blocks_from(
+            request.from_height, request.limit, request.follow
+        ):
+            yield committed_to_pb(block, cert)
+
+    async def SubmitRecord(  # noqa: N802 (gRPC method name)
+        self,
+        request: pb.SubmitRecordRequest,
+        context: grpc.aio.ServicerContext[pb.SubmitRecordRequest, pb.SubmitRecordResponse],
+    ) -> pb.SubmitRecordResponse:
+        try:
+            accepted = self._service.submit(request.record)
+        except RecordRejected as exc:
+            return pb.SubmitRecordResponse(accepted=False, reason=exc.reason)
+        return pb.SubmitRecordResponse(
+            accepted=accepted, reason="" if accepted else "already pending"
+        )

@@ -1,0 +1,283 @@
+"""The consensus shell over real gRPC on 127.0.0.1: four authorities and one peer.
+
+Each node is a `ConsensusService` with its own data directory, transparency log and gRPC
+server (plaintext on loopback; mutual TLS is the node server's business).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import pytest
+from pyrsia.v1 import consensus_pb2 as pb
+from pyrsia.v1 import consensus_pb2_grpc as pb_grpc
+from pyrsia_node.consensus import ConsensusConfig, Timeouts
+from pyrsia_node.consensus.blocks import BlockStore
+from pyrsia_node.consensus.mempool import RecordRejected
+from pyrsia_node.consensus.service import (
+    ConsensusService,
+    GrpcTransport,
+    initialize_state,
+)
+from pyrsia_node.consensus.wire import hello_signing_bytes
+from pyrsia_node.genesis import Authority, Genesis
+from pyrsia_node.identity import Identity
+from pyrsia_node.ledger import TransparencyLog, verify_checkpoint
+from pyrsia_node.ledger.records import (
+    IN_TOTO_PAYLOAD_TYPE,
+    Artifact,
+    ArtifactRecord,
+    DsseEnvelope,
+    PackageType,
+)
+
+pytestmark = pytest.mark.timeout(60)
+
+CHAIN = "pyrsia-shell"
+TIMEOUTS = Timeouts(
+    propose=0.5, prevote=0.3, precommit=0.3, delta=0.2, retransmit=0.3, sync_interval=0.3
+)
+
+
+def record(i: int) -> bytes:
+    envelope = DsseEnvelope(IN_TOTO_PAYLOAD_TYPE, b"{}", (("authority-0", b"s" * 64),))
+    return ArtifactRecord(
+        PackageType.DOCKER,
+        f"docker.io/library/pkg{i}:v1",
+        (Artifact(f"sha256:{i:064x}", i, "application/vnd.oci.image.manifest.v1+json"),),
+        (envelope,),
+    ).encode()
+
+
+@dataclass
+class Node:
+    name: str
+    identity: Identity
+    directory: Path
+    server: grpc.aio.Server
+    port: int
+    ledger: TransparencyLog | None = None
+    service: ConsensusService | None = None
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+async def make_node(root: Path, name: str) -> Node:
+    server = grpc.aio.server()
+    port = server.add_insecure_port("127.0.0.1:0")
+    return Node(name, Identity.generate(), root / name, server, port)
+
+
+def make_genesis(authorities: list[Node]) -> Genesis:
+    return Genesis(
+        chain_id=CHAIN,
+        genesis_time="2026-01-01T00:00:00Z",
+        governance_public_key=Identity.generate().public_key,
+        authorities=tuple(
+            Authority(n.name, n.identity.public_key, n.address, "127.0.0.1:1") for n in authorities
+        ),
+        ca_certificate="",
+    )
+
+
+async def start(node: Node, genesis: Genesis) -> ConsensusService:
+    node.ledger = TransparencyLog(node.directory / "ledger")
+    transport = GrpcTransport(
+        node.identity, CHAIN, grpc.aio.insecure_channel, lambda: int(time.time() * 1000)
+    )
+    service = ConsensusService(
+        node.identity,
+        genesis,
+        node.directory / "consensus",
+        node.ledger,
+        transport,
+        config=ConsensusConfig(CHAIN, timeouts=TIMEOUTS),
+    )
+    node.service = service
+    service.register(node.server)
+    await node.server.start()
+    await service.start()
+    return service
+
+
+async def stop(node: Node) -> None:
+    assert node.service is not None and node.ledger is not None
+    await node.service.stop()
+    await node.server.stop(None)
+    node.ledger.close()
+
+
+@pytest.fixture
+async def network(tmp_path: Path) -> AsyncIterator[tuple[list[Node], Node, Genesis]]:
+    authorities = [await make_node(tmp_path, f"authority-{i}") for i in range(4)]
+    peer = await make_node(tmp_path, "peer-0")
+    genesis = make_genesis(authorities)
+    for node in authorities:
+        initialize_state(node.directory / "consensus")
+    for node in [*authorities, peer]:
+        await start(node, genesis)
+    yield authorities, peer, genesis
+    for node in [*authorities, peer]:
+        if node.service is not None:
+            await stop(node)
+
+
+async def wait_for(condition: Callable[[], bool], seconds: float = 20.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_records_commit_on_every_authority_and_reach_the_peer(
+    network: tuple[list[Node], Node, Genesis],
+) -> None:
+    authorities, peer, _ = network
+    records = [record(i) for i in range(5)]
+    async with grpc.aio.insecure_channel(authorities[0].address) as channel:
+        stub = pb_grpc.ConsensusStub(channel)
+        for r in records:
+            response = await stub.SubmitRecord(pb.SubmitRecordRequest(record=r))
+            assert response.accepted, response.reason
+        duplicate = await stub.SubmitRecord(pb.SubmitRecordRequest(record=records[0]))
+        assert not duplicate.accepted
+    for node in [*authorities, peer]:
+        assert node.ledger is not None
+        ledger = node.ledger
+        await wait_for(lambda ledger=ledger: ledger.size == len(records))
+        assert [ledger.entry(i) for i in range(len(records))] == records
+    roots = {n.ledger.root() for n in [*authorities, peer] if n.ledger is not None}
+    assert len(roots) == 1
+
+
+async def test_checkpoints_are_cosigned_by_a_quorum_of_authorities(
+    network: tuple[list[Node], Node, Genesis],
+) -> None:
+    authorities, _, genesis = network
+    assert authorities[1].service is not None
+    authorities[1].service.submit(record(1))
+    keys = [(a.name, a.public_key) for a in genesis.authorities]
+
+    def cosigned() -> bool:
+        for node in authorities:
+            assert node.ledger is not None
+            note = node.ledger.checkpoint(1)
+            if note is None:
+                return False
+            try:
+                verify_checkpoint(note, keys, genesis.quorum)
+            except ValueError:
+                return False
+        return True
+
+    await wait_for(cosigned)
+
+
+async def test_malformed_and_duplicate_records_are_refused(
+    network: tuple[list[Node], Node, Genesis],
+) -> None:
+    authorities, _, _ = network
+    service = authorities[0].service
+    assert service is not None
+    with pytest.raises(RecordRejected, match="canonical"):
+        service.submit(b"not a record")
+    assert service.submit(record(9))
+    assert not service.submit(record(9))
+
+
+async def test_stream_from_a_non_authority_is_refused(
+    network: tuple[list[Node], Node, Genesis],
+) -> None:
+    authorities, _, _ = network
+    outsider = Identity.generate()
+    receiver = authorities[0].identity.public_key
+    now = int(time.time() * 1000)
+    hello = pb.StreamHello(
+        public_key=outsider.public_key,
+        chain_id=CHAIN,
+        receiver=receiver,
+        timestamp_ms=now,
+        signature=outsider.sign(hello_signing_bytes(CHAIN, outsider.public_key, receiver, now)),
+    )
+
+    async def envelopes() -> AsyncIterator[pb.ConsensusEnvelope]:
+        yield pb.ConsensusEnvelope(hello=hello)
+
+    async with grpc.aio.insecure_channel(authorities[0].address) as channel:
+        stub = pb_grpc.ConsensusStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await stub.Stream(envelopes())
+    assert failure.value.code() is grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_stream_with_a_forged_hello_is_refused(
+    network: tuple[list[Node], Node, Genesis],
+) -> None:
+    authorities, _, _ = network
+    claimed = authorities[1].identity.public_key
+    receiver = authorities[0].identity.public_key
+    hello = pb.StreamHello(
+        public_key=claimed,
+        chain_id=CHAIN,
+        receiver=receiver,
+        timestamp_ms=int(time.time() * 1000),
+        signature=b"\x00" * 64,
+    )
+
+    async def envelopes() -> AsyncIterator[pb.ConsensusEnvelope]:
+        yield pb.ConsensusEnvelope(hello=hello)
+
+    async with grpc.aio.insecure_channel(authorities[0].address) as channel:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await pb_grpc.ConsensusStub(channel).Stream(envelopes())
+    assert failure.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_stopped_authority_catches_up_after_restart(
+    network: tuple[list[Node], Node, Genesis],
+) -> None:
+    authorities, _, genesis = network
+    lagging = authorities[3]
+    await stop(lagging)
+    lagging.service = None
+    live = authorities[0].service
+    assert live is not None
+    for i in range(3):
+        live.submit(record(100 + i))
+    await wait_for(
+        lambda: all(n.ledger is not None and n.ledger.size >= 3 for n in authorities[:3])
+    )
+    server = grpc.aio.server()
+    server.add_insecure_port(lagging.address)
+    lagging.server = server
+    service = await start(lagging, genesis)
+    ledger = lagging.ledger
+    assert ledger is not None
+    await wait_for(lambda: service.height >= 2 and ledger.size >= 3)
+    assert service.blocks.get(1)[0] == live.blocks.get(1)[0]
+    assert [ledger.entry(i) for i in range(3)] == [record(100 + i) for i in range(3)]
+
+
+def test_block_store_survives_a_torn_append(tmp_path: Path) -> None:
+    from pyrsia_node.consensus import Block, CommitCertificate
+
+    store = BlockStore(tmp_path / "blocks")
+    b1 = Block(CHAIN, 1, bytes(32), b"\x01" * 32, (b"a",))
+    b2 = Block(CHAIN, 2, b1.hash, b"\x01" * 32, ())
+    store.append(b1, CommitCertificate(1, 0, b1.hash, ()))
+    store.append(b2, CommitCertificate(2, 0, b2.hash, ()))
+    data = store.path.read_bytes()
+    store.path.write_bytes(data[:-5])
+    reopened = BlockStore(tmp_path / "blocks")
+    assert reopened.height == 1
+    assert reopened.get(1)[0] == b1
+    reopened.append(b2, CommitCertificate(2, 0, b2.hash, ()))
+    assert BlockStore(tmp_path / "blocks").height == 2

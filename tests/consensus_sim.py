@@ -18,6 +18,8 @@ After every step the simulator checks, for honest nodes (every node except twins
   certificate every commit carries a certificate valid for that height's validator set;
   one vote    no honest key signs two different messages for one (height, round, type),
               across crashes, restarts and wipes;
+  write-ahead every message a node signed was in a persisted write-ahead state before it
+              was broadcast;
   checkpoints every node's checkpoint (Merkle tree of its committed records after each
               block) is consistent, by an RFC 9162 consistency proof, with each of its
               earlier checkpoints and with the canonical tree.
@@ -167,6 +169,7 @@ class SimNode:
     tree: MemoryTree = field(default_factory=MemoryTree)
     checkpoints: list[tuple[int, bytes]] = field(default_factory=list)
     wiped: bool = False
+    persisted: set[bytes] = field(default_factory=set)
 
     @property
     def key(self) -> bytes:
@@ -412,8 +415,10 @@ class Simulation:
         for action in actions:
             if isinstance(action, Persist):
                 node.wal = action.state.encode()
+                node.persisted.update(m.signature for m in action.state.own_messages)
             elif isinstance(action, Broadcast):
                 self._check_signed_once(node, action.message)
+                self._check_persisted(node, action.message)
                 event: Event = (
                     ProposalReceived(action.message)
                     if isinstance(action.message, Proposal)
@@ -447,9 +452,9 @@ class Simulation:
     # Invariants -------------------------------------------------------------------------
 
     def _check_signed_once(self, node: SimNode, message: ConsensusMessage) -> None:
-        if not node.honest:
-            return
         sender = message.proposer if isinstance(message, Proposal) else message.validator
+        if not node.honest or sender != node.key:
+            return  # a Byzantine key, or another validator's vote this node relays
         kind = MessageKind.PROPOSAL if isinstance(message, Proposal) else MessageKind(message.type)
         slot = (sender, message.height, message.round, kind)
         signed = message.signing_bytes(CHAIN_ID)
@@ -458,6 +463,14 @@ class Simulation:
             self.fail(
                 f"honest n{node.index} signed twice for height {message.height} round "
                 f"{message.round} {kind.name}"
+            )
+
+    def _check_persisted(self, node: SimNode, message: ConsensusMessage) -> None:
+        sender = message.proposer if isinstance(message, Proposal) else message.validator
+        if sender == node.key and message.signature not in node.persisted:
+            self.fail(
+                f"n{node.index} broadcast its {type(message).__name__} for height "
+                f"{message.height} round {message.round} before persisting it"
             )
 
     def _on_commit(self, node: SimNode, block: Block, cert: CommitCertificate) -> None:

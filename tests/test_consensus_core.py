@@ -52,14 +52,23 @@ VALIDATORS = ValidatorSet(tuple(k.public_key for k in KEYS[:4]))
 OUTSIDER = KEYS[4]
 
 
+# Signatures each core has persisted so far (by id of the core): what it may broadcast.
+PERSISTED: dict[int, set[bytes]] = {}
+
+
 def make_core(index: int, **kwargs: object) -> ConsensusCore:
-    return ConsensusCore(
+    core = ConsensusCore(
         ConsensusConfig(CHAIN),
         KEYS[index],
         ChainState.genesis(VALIDATORS),
         clock=lambda: 0.0,
         **kwargs,  # type: ignore[arg-type]
     )
+    restored = kwargs.get("restored")
+    PERSISTED[id(core)] = (
+        {m.signature for m in restored.own_messages} if isinstance(restored, WalState) else set()
+    )
+    return core
 
 
 def block(records: tuple[bytes, ...] = (b"r1",), height: int = 1, proposer: int = 1) -> Block:
@@ -91,7 +100,7 @@ def certificate(b: Block, round_: int, signers: list[int]) -> CommitCertificate:
 
 
 def check_write_ahead(core: ConsensusCore, actions: list[Action]) -> None:
-    persisted: set[bytes] = set()
+    persisted = PERSISTED.setdefault(id(core), set())
     for action in actions:
         if isinstance(action, Persist):
             persisted |= {m.signature for m in action.state.own_messages}
@@ -99,16 +108,13 @@ def check_write_ahead(core: ConsensusCore, actions: list[Action]) -> None:
             message = action.message
             sender = message.proposer if isinstance(message, Proposal) else message.validator
             if sender == core.public_key:
-                assert message.signature in persisted or message.height < core.height, (
+                assert message.signature in persisted, (
                     "a signed message left before a Persist holding it"
                 )
 
 
 def step(core: ConsensusCore, event: Event | None = None) -> list[Action]:
     actions = core.start() if event is None else core.handle(event)
-    if event is None:
-        # start() may re-broadcast messages persisted by an earlier incarnation.
-        return actions
     check_write_ahead(core, actions)
     return actions
 
@@ -509,7 +515,7 @@ def test_restart_from_the_write_ahead_state_resends_instead_of_resigning() -> No
     state = WalState.decode(last_persisted(actions).encode())
 
     restarted = make_core(0, restored=state)
-    actions = restarted.start()
+    actions = step(restarted)
     assert signed(actions, restarted) == [prevote]
     assert not [a for a in actions if isinstance(a, Persist)]
     # The same proposal again: already prevoted in this round, nothing new is signed.
@@ -524,7 +530,7 @@ def test_restart_keeps_the_lock() -> None:
     b1, b2 = block((b"r1",)), block((b"r2",), proposer=2)
     lock_on(core, b1)
     restarted = make_core(0, restored=core.wal_state())
-    restarted.start()
+    step(restarted)
     next_round(restarted, 0)
     [prevote] = votes_of(feed(restarted, proposal(b2, 1)), restarted, VoteType.PREVOTE)
     assert prevote.block_hash is None
@@ -559,7 +565,7 @@ def test_state_loss_guard_survives_a_restart() -> None:
     core = make_core(1, state_lost=True)
     core.start()
     restarted = make_core(1, restored=core.wal_state())
-    assert not signed(restarted.start(), restarted)
+    assert not signed(step(restarted), restarted)
     assert restarted.signing_floor is None
 
 
@@ -606,3 +612,37 @@ def test_core_counts_a_new_validator_from_h_plus_2() -> None:
     assert core.height == 3
     assert OUTSIDER.public_key in core.chain.validators
     assert core.chain.validators.quorum == 4
+
+
+def test_retransmission_resends_own_messages_and_relays_votes_that_moved_the_node() -> None:
+    core = make_core(0)
+    step(core)
+    b = block()
+    feed(core, proposal(b, 0))
+    others = [vote(i, VoteType.PREVOTE, 0, b.hash) for i in (1, 2)]
+    feed(core, *others)
+    actions = step(core, TimeoutFired(Timeout(TimeoutKind.RETRANSMIT, 1, 0)))
+    sent = [a.message for a in actions if isinstance(a, Broadcast)]
+    own = [m for m in sent if isinstance(m, Vote) and m.validator == KEYS[0].public_key]
+    assert {(m.type, m.block_hash) for m in own} == {
+        (VoteType.PREVOTE, b.hash),
+        (VoteType.PRECOMMIT, b.hash),
+    }
+    assert all(v in sent for v in others)
+    assert not [a for a in actions if isinstance(a, Persist)]  # nothing new was signed
+    assert any(isinstance(a, ScheduleTimeout) for a in actions)
+
+
+def test_own_precommit_that_completes_the_quorum_is_persisted_before_it_leaves() -> None:
+    core = make_core(0)
+    step(core)
+    b = block()
+    feed(core, proposal(b, 0))
+    feed(core, vote(1, VoteType.PRECOMMIT, 0, b.hash), vote(2, VoteType.PRECOMMIT, 0, b.hash))
+    feed(core, vote(1, VoteType.PREVOTE, 0, b.hash))
+    actions = feed(core, vote(2, VoteType.PREVOTE, 0, b.hash))  # precommit, then decide
+    [precommit] = votes_of(actions, core, VoteType.PRECOMMIT)
+    assert [a.block for a in actions if isinstance(a, Commit)] == [b]
+    first_persist = next(a for a in actions if isinstance(a, Persist))
+    assert precommit in first_persist.state.own_messages
+    assert core.height == 2

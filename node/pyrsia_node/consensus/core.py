@@ -31,9 +31,10 @@ Invariants the core maintains, each checked by tests/test_consensus*.py:
 
 Messages for the next height are buffered (bounded) and replayed when the node gets there;
 older heights are dropped; any message from a higher height triggers a paced `RequestSync`.
-Own messages, and the prevotes that justify validValue (the proof of lock), are re-broadcast
-every `Timeouts.retransmit` seconds, which is what keeps the protocol live over lossy links
-and after another validator lost the messages it sent.
+Own messages, the prevotes that justify validValue (the proof of lock) and others' votes of
+the current and previous round are re-broadcast every `Timeouts.retransmit` seconds, which
+is what keeps the protocol live over lossy links and after another validator lost the
+messages it sent.
 """
 
 from __future__ import annotations
@@ -616,6 +617,10 @@ class ConsensusCore:
         return CommitCertificate(self._height, round_, block_hash, signatures)
 
     def _decide(self, block: Block, certificate: CommitCertificate) -> None:
+        if any(message.height == self._height for message in self._outbox):
+            # A message of this height signed in this same step must be durable before it
+            # leaves, and the state persisted at the end of the step is the next height's.
+            self._actions.append(Persist(self.wal_state()))
         self._actions.append(Commit(block, certificate))
         self._chain = self._chain.after(block, self._decoder)
         for record in block.records:
@@ -628,7 +633,7 @@ class ConsensusCore:
         kind, h, r = timeout.kind, timeout.height, timeout.round
         if kind is TimeoutKind.RETRANSMIT:
             self._outbox.extend(self._own.values())
-            self._outbox.extend(self._proof_of_lock())
+            self._outbox.extend(self._relayed_votes())
             self._schedule(Timeout(TimeoutKind.RETRANSMIT, self._height, self._round), None)
             return
         if h != self._height:
@@ -650,15 +655,23 @@ class ConsensusCore:
         elif kind is TimeoutKind.PRECOMMIT:  # lines 65-67
             self._start_round(r + 1)
 
-    def _proof_of_lock(self) -> list[Vote]:
-        """Others' prevotes that made our validValue valid, relayed so that every honest
-        node can accept its re-proposal (line 28) even when the original senders can no
-        longer resend them (their state was wiped, or they crashed for good)."""
-        if self._valid_block is None:
-            return []
-        by_value = self._tally.get((self._valid_round, VoteType.PREVOTE), {})
-        votes = by_value.get(self._valid_block.hash, {})
-        return [vote for key, vote in votes.items() if key != self._key]
+    def _relayed_votes(self) -> list[Vote]:
+        """Others' votes that moved this node on, relayed so that every honest node can
+        follow even when the original senders can no longer resend them (their state was
+        wiped, or they crashed for good): the prevotes that made validValue valid (needed
+        to accept its re-proposal, line 28) and every first vote of the current and the
+        previous round (the precommits that ended the previous round, line 47, and the
+        messages that let lagging nodes skip rounds, line 55)."""
+        relayed: dict[bytes, Vote] = {}
+        if self._valid_block is not None:
+            by_value = self._tally.get((self._valid_round, VoteType.PREVOTE), {})
+            for vote in by_value.get(self._valid_block.hash, {}).values():
+                relayed[vote.signature] = vote
+        for round_ in (self._round - 1, self._round):
+            for vote_type in (VoteType.PREVOTE, VoteType.PRECOMMIT):
+                for vote in self._votes.get((round_, vote_type), {}).values():
+                    relayed[vote.signature] = vote
+        return [vote for vote in relayed.values() if vote.validator != self._key]
 
     def _on_commit_received(self, block: Block, certificate: CommitCertificate) -> None:
         if block.height != self._height or not self._valid(block):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -281,3 +281,78 @@ def test_block_store_survives_a_torn_append(tmp_path: Path) -> None:
     assert reopened.get(1)[0] == b1
     reopened.append(b2, CommitCertificate(2, 0, b2.hash, ()))
     assert BlockStore(tmp_path / "blocks").height == 2
+
+
+class RecordingTransport:
+    """A transport that only records what the service hands it."""
+
+    def __init__(self) -> None:
+        self.sent: list[pb.ConsensusEnvelope] = []
+        self.authorities: dict[bytes, str] = {}
+        self.streaming = False
+
+    def set_authorities(self, addresses: Mapping[bytes, str], stream: bool) -> None:
+        self.authorities, self.streaming = dict(addresses), stream
+
+    def broadcast(self, envelope: pb.ConsensusEnvelope) -> None:
+        self.sent.append(envelope)
+
+    async def fetch_blocks(
+        self, peer: bytes, from_height: int, limit: int, follow: bool
+    ) -> AsyncIterator[pb.CommittedBlock]:
+        for _ in ():
+            yield pb.CommittedBlock()
+
+    async def close(self) -> None:
+        return None
+
+
+async def test_submitted_records_are_gossiped_to_authorities_and_admitted_from_them(
+    tmp_path: Path,
+) -> None:
+    nodes = [await make_node(tmp_path, f"authority-{i}") for i in range(4)]
+    genesis = make_genesis(nodes)
+    transport = RecordingTransport()
+    service = ConsensusService(nodes[0].identity, genesis, tmp_path / "consensus", None, transport)
+    await service.start()
+    try:
+        assert transport.streaming
+        assert set(transport.authorities) == {n.identity.public_key for n in nodes}
+        assert service.submit(record(1))
+        assert [e.record for e in transport.sent if e.WhichOneof("body") == "record"] == [record(1)]
+        service.receive(nodes[1].identity.public_key, pb.ConsensusEnvelope(record=record(2)))
+        assert len(service.mempool) == 2
+        sent = len(transport.sent)
+        service.receive(nodes[1].identity.public_key, pb.ConsensusEnvelope(record=record(2)))
+        assert len(service.mempool) == 2
+        assert not [e for e in transport.sent[sent:] if e.WhichOneof("body") == "record"]
+    finally:
+        await service.stop()
+        for n in nodes:
+            await n.server.stop(None)
+
+
+async def test_validator_without_write_ahead_state_starts_guarded(tmp_path: Path) -> None:
+    nodes = [await make_node(tmp_path, f"authority-{i}") for i in range(4)]
+    genesis = make_genesis(nodes)
+    service = ConsensusService(
+        nodes[1].identity, genesis, tmp_path / "consensus", None, RecordingTransport()
+    )
+    await service.start()
+    try:
+        await asyncio.sleep(0.1)
+        assert service.core.signing_floor is None
+        assert service.status()["signing_floor"] is None
+    finally:
+        await service.stop()
+    initialize_state(tmp_path / "fresh")
+    fresh = ConsensusService(
+        nodes[1].identity, genesis, tmp_path / "fresh", None, RecordingTransport()
+    )
+    await fresh.start()
+    try:
+        assert fresh.core.signing_floor == 0
+    finally:
+        await fresh.stop()
+        for n in nodes:
+            await n.server.stop(None)

@@ -242,6 +242,7 @@ class ConsensusService:
         wall_clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
         mempool_limits: MempoolLimits | None = None,
         record_valid: Callable[[bytes], bool] | None = None,
+        on_commit: Callable[[Block, CommitCertificate], None] | None = None,
     ) -> None:
         self.identity = identity
         self.genesis = genesis
@@ -268,6 +269,7 @@ class ConsensusService:
         self._names = {a.public_key: a.name for a in genesis.authorities}
         self._cosignatures: dict[int, list[tuple[bytes, NoteSignature]]] = {}
         self.equivocations = 0
+        self._on_commit = on_commit
 
     # Wiring -----------------------------------------------------------------------------
 
@@ -367,7 +369,16 @@ class ConsensusService:
     # Inputs -----------------------------------------------------------------------------
 
     def submit(self, record: bytes) -> bool:
-        """Offer a record; True when it is new. Raises `RecordRejected` with the reason."""
+        """Offer a record; True when it is new. Raises `RecordRejected` with the reason.
+
+        A new record is also sent to the other authorities, so whichever proposes next can
+        include it."""
+        if not self._admit(record):
+            return False
+        self.transport.broadcast(pb.ConsensusEnvelope(record=record))
+        return True
+
+    def _admit(self, record: bytes) -> bool:
         if not self.mempool.admit(record):
             return False
         self._events.put_nowait(RecordSubmitted(record))
@@ -378,6 +389,10 @@ class ConsensusService:
         body = envelope.WhichOneof("body")
         if body == "cosignature":
             self._on_cosignature(sender, envelope.cosignature)
+            return
+        if body == "record":
+            with contextlib.suppress(RecordRejected):
+                self._admit(envelope.record)
             return
         try:
             message = message_from_pb(envelope)
@@ -458,6 +473,8 @@ class ConsensusService:
     async def _commit(self, block: Block, cert: CommitCertificate) -> None:
         await asyncio.to_thread(self._persist_commit, block, cert)
         self.mempool.committed(block.records)
+        if self._on_commit is not None:
+            self._on_commit(block, cert)
         self._learn_authorities(block)
         self._update_transport()
         async with self._new_block:

@@ -306,6 +306,9 @@ class ConsensusEnvelope(_message.Message):
     PROPOSAL_FIELD_NUMBER: _builtins.int
     VOTE_FIELD_NUMBER: _builtins.int
     COSIGNATURE_FIELD_NUMBER: _builtins.int
+    RECORD_FIELD_NUMBER: _builtins.int
+    record: _builtins.bytes
+    """a record submitted to the sender, for this node's mempool"""
     @_builtins.property
     def hello(self) -> Global___StreamHello: ...
     @_builtins.property
@@ -321,12 +324,13 @@ class ConsensusEnvelope(_message.Message):
         proposal: Global___ConsensusProposal | None = ...,
         vote: Global___ConsensusVote | None = ...,
         cosignature: Global___CheckpointCosignature | None = ...,
+        record: _builtins.bytes = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cosignature", b"cosignature", "hello", b"hello", "proposal", b"proposal", "vote", b"vote"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cosignature", b"cosignature", "hello", b"hello", "proposal", b"proposal", "record", b"record", "vote", b"vote"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cosignature", b"cosignature", "hello", b"hello", "proposal", b"proposal", "vote", b"vote"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cosignature", b"cosignature", "hello", b"hello", "proposal", b"proposal", "record", b"record", "vote", b"vote"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "proposal", "vote", "cosignature"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "proposal", "vote", "cosignature", "record"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 

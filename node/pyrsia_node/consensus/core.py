@@ -126,6 +126,8 @@ class ConsensusConfig:
     chain_id: str
     timeouts: Timeouts = field(default_factory=Timeouts)
     max_block_records: int = 10_000
+    # Record bytes per block; a proposal must fit gRPC's default 4 MiB message limit.
+    max_block_bytes: int = 3 << 20
     max_pending_records: int = 100_000
     max_future_messages: int = 10_000
     max_round: int = 10_000
@@ -344,8 +346,13 @@ class ConsensusCore:
         elif isinstance(event, TimeoutFired):
             self._on_timeout(event.timeout)
         elif isinstance(event, RecordSubmitted):
-            if len(self._pending) < self.config.max_pending_records:
-                self._pending.setdefault(event.record, None)
+            record = event.record
+            if (
+                len(self._pending) < self.config.max_pending_records
+                and record not in self._pending
+                and self._record_valid(record)
+            ):
+                self._pending[record] = None
         else:
             self._on_commit_received(event.block, event.certificate)
         self._run_rules()
@@ -443,13 +450,17 @@ class ConsensusCore:
         )
 
     def _new_block(self) -> Block:
-        records = tuple(
-            islice(
-                (r for r in self._pending if self._record_valid(r)),
-                self.config.max_block_records,
-            )
+        # Pending records were checked with `record_valid` when they were submitted.
+        records: list[bytes] = []
+        size = 0
+        for record in islice(self._pending, self.config.max_block_records):
+            if size + len(record) > self.config.max_block_bytes:
+                break
+            records.append(record)
+            size += len(record)
+        return Block(
+            self.config.chain_id, self._height, self._chain.prev_hash, self._key, tuple(records)
         )
-        return Block(self.config.chain_id, self._height, self._chain.prev_hash, self._key, records)
 
     def _can_sign(self) -> bool:
         floor = self._signing_floor
@@ -505,8 +516,9 @@ class ConsensusCore:
             and block.prev_hash == self._chain.prev_hash
             and block.proposer in self._chain.validators
             and len(block.records) <= self.config.max_block_records
+            and sum(map(len, block.records)) <= self.config.max_block_bytes
             and len(set(block.records)) == len(block.records)
-            and all(self._record_valid(record) for record in block.records)
+            and all(r in self._pending or self._record_valid(r) for r in block.records)
         )
         self._block_validity[block.hash] = valid
         return valid

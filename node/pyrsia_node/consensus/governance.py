@@ -11,6 +11,8 @@ from __future__ import annotations
 from pyrsia_node.consensus.validators import ValidatorSetChange, ValidatorSetChangeDecoder
 from pyrsia_node.genesis import Genesis
 from pyrsia_node.ledger.records import (
+    FORMAT_VERSION,
+    KIND_GOVERNANCE,
     GovernanceAction,
     GovernanceRecord,
     RecordError,
@@ -34,6 +36,8 @@ def governance_decoder(genesis: Genesis) -> ValidatorSetChangeDecoder:
 
 def governance_record(genesis: Genesis, record: bytes) -> GovernanceRecord | None:
     """The record as a governance record valid on this chain, or None."""
+    if len(record) < 2 or record[:2] != bytes((FORMAT_VERSION, KIND_GOVERNANCE)):
+        return None  # cheap exit for the common case: artifact records
     try:
         decoded = decode_record(record)
     except RecordError:

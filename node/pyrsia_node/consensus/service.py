@@ -28,7 +28,7 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
-from functools import partial
+from functools import lru_cache, partial
 from pathlib import Path
 from typing import Protocol
 
@@ -253,7 +253,8 @@ class ConsensusService:
         self._clock = clock
         self._wall_clock_ms = wall_clock_ms
         self._decoder = governance_decoder(genesis)
-        self._record_valid = record_valid or _canonical_record
+        # Memoised: the mempool and the core both ask, and every block repeats the question.
+        self._record_valid = lru_cache(maxsize=1 << 17)(record_valid or _canonical_record)
         self.mempool = Mempool(
             mempool_limits or MempoolLimits(), self._in_ledger, self._record_valid
         )

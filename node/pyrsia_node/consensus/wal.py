@@ -24,7 +24,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pyrsia_node.consensus.canonical import CanonicalDecodeError, Reader, Writer
-from pyrsia_node.consensus.messages import Block, ConsensusMessage, decode_message, encode_message
+from pyrsia_node.consensus.messages import (
+    Block,
+    ConsensusMessage,
+    MessageKind,
+    Proposal,
+    decode_message,
+    encode_message,
+)
+from pyrsia_node.consensus.validators import PUBLIC_KEY_SIZE
 
 MAGIC = b"pyrsia-wal/v1\x00"
 _FRAME = struct.Struct(">II")
@@ -59,12 +67,33 @@ class WalState:
     """Lowest height this key may sign at; None while it is still unknown after state loss."""
 
     def encode(self) -> bytes:
-        writer = Writer().raw(MAGIC).u64(self.height).u32(self.round).u8(self.step)
-        writer.i64(self.locked_round).blob(_block_bytes(self.locked_block))
-        writer.i64(self.valid_round).blob(_block_bytes(self.valid_block))
-        writer.u32(len(self.own_messages))
+        # Each distinct block is written once: the locked block, the valid block and an own
+        # proposal are usually the same block, and blocks dominate the size of a state.
+        blocks: dict[bytes, int] = {}
+        table: list[Block] = []
+
+        def ref(block: Block | None) -> int:
+            if block is None:
+                return -1
+            if block.hash not in blocks:
+                blocks[block.hash] = len(table)
+                table.append(block)
+            return blocks[block.hash]
+
+        locked, valid = ref(self.locked_block), ref(self.valid_block)
+        messages = Writer().u32(len(self.own_messages))
         for message in self.own_messages:
-            writer.blob(encode_message(message))
+            if isinstance(message, Proposal):
+                messages.u8(MessageKind.PROPOSAL).i64(ref(message.block)).u32(message.round)
+                messages.i64(message.valid_round).blob(message.proposer).blob(message.signature)
+            else:
+                messages.u8(0).blob(encode_message(message))
+        writer = Writer().raw(MAGIC).u64(self.height).u32(self.round).u8(self.step)
+        writer.u32(len(table))
+        for block in table:
+            writer.blob(block.canonical_bytes())
+        writer.i64(self.locked_round).i64(locked).i64(self.valid_round).i64(valid)
+        writer.raw(messages.bytes())
         writer.i64(-1 if self.signing_floor is None else self.signing_floor)
         return writer.bytes()
 
@@ -74,9 +103,28 @@ class WalState:
         if reader.raw(len(MAGIC)) != MAGIC:
             raise CanonicalDecodeError("not a pyrsia consensus write-ahead state")
         height, round_, step = reader.u64(), reader.u32(), Step(reader.u8())
-        locked_round, locked_block = reader.i64(), _block_from(reader.blob())
-        valid_round, valid_block = reader.i64(), _block_from(reader.blob())
-        messages = tuple(decode_message(reader.blob()) for _ in range(reader.u32()))
+        table = [Block.from_canonical_bytes(reader.blob()) for _ in range(reader.u32())]
+
+        def deref(index: int) -> Block | None:
+            if index == -1:
+                return None
+            if not 0 <= index < len(table):
+                raise CanonicalDecodeError(f"block reference {index} is out of range")
+            return table[index]
+
+        locked_round, locked_block = reader.i64(), deref(reader.i64())
+        valid_round, valid_block = reader.i64(), deref(reader.i64())
+        messages: list[ConsensusMessage] = []
+        for _ in range(reader.u32()):
+            if reader.u8() == MessageKind.PROPOSAL:
+                block = deref(reader.i64())
+                if block is None:
+                    raise CanonicalDecodeError("a proposal without its block")
+                round_of, valid_of = reader.u32(), reader.i64()
+                proposer, signature = reader.blob(PUBLIC_KEY_SIZE), reader.blob(64)
+                messages.append(Proposal(block, round_of, valid_of, proposer, signature))
+            else:
+                messages.append(decode_message(reader.blob()))
         floor = reader.i64()
         reader.end()
         return cls(
@@ -87,17 +135,9 @@ class WalState:
             locked_block,
             valid_round,
             valid_block,
-            messages,
+            tuple(messages),
             None if floor < 0 else floor,
         )
-
-
-def _block_bytes(block: Block | None) -> bytes:
-    return b"" if block is None else block.canonical_bytes()
-
-
-def _block_from(data: bytes) -> Block | None:
-    return Block.from_canonical_bytes(data) if data else None
 
 
 def _frame(payload: bytes) -> bytes:

@@ -75,3 +75,13 @@ def test_file_is_private(tmp_path: Path) -> None:
     wal = WriteAheadFile(tmp_path / "wal")
     wal.append(state())
     assert wal.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_each_distinct_block_is_written_once() -> None:
+    other = Block("pyrsia-test", 3, b"\x02" * 32, KEY, (b"x" * 1000,))
+    same = WalState(
+        3, 1, Step.PREVOTE, 0, other, 0, other, (Proposal(other, 1, 0, KEY, b"\x05" * 64),), 0
+    )
+    assert len(same.encode()) < 2 * 1000
+    two = WalState(3, 1, Step.PREVOTE, 0, other, 1, BLOCK, (), 0)
+    assert WalState.decode(two.encode()) == two

@@ -428,12 +428,24 @@ class ConsensusService:
 
     # The loop ---------------------------------------------------------------------------
 
+    @property
+    def healthy(self) -> bool:
+        """False once the consensus loop has died (e.g. the disk refused a write)."""
+        return self.started and not any(task.done() for task in self._tasks)
+
     async def _run(self) -> None:
         while True:
             event = await self._events.get()
             core = self.core
             actions = core.start() if event is _START else core.handle(event)
-            await self._execute(actions)
+            try:
+                await self._execute(actions)
+            except Exception:
+                # A failed Persist or Commit leaves no safe way on: stop voting, loudly.
+                log.critical(
+                    "consensus stopped at height %d: an action failed", core.height, exc_info=True
+                )
+                raise
 
     async def _execute(self, actions: list[Action]) -> None:
         loop = asyncio.get_running_loop()

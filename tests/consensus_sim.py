@@ -9,7 +9,8 @@ delays), partitions that change over time, crashes with restart from the last pe
 write-ahead state (encoded and decoded with the real codec), restarts with a wiped state
 (write-ahead state and ledger lost, the key kept), and Twins: two cores sharing one key,
 which makes that key Byzantine (it equivocates whenever the twins see different things).
-Some schedules commit a governance record that adds an authority (in force at H + 2).
+Some schedules commit a governance record that adds an authority, and some of those a later
+one that removes a genesis authority (each in force at H + 2).
 
 After every step the simulator checks, for honest nodes (every node except twins):
   agreement   no two honest nodes commit different blocks at one height;
@@ -17,7 +18,8 @@ After every step the simulator checks, for honest nodes (every node except twins
               extend the canonical chain);
   certificate every commit carries a certificate valid for that height's validator set;
   one vote    no honest key signs two different messages for one (height, round, type),
-              across crashes, restarts and wipes;
+              across crashes, restarts and wipes, nor signs at a height whose validator
+              set does not hold it;
   write-ahead every message a node signed was in a persisted write-ahead state before it
               was broadcast;
   checkpoints every node's checkpoint (Merkle tree of its committed records after each
@@ -87,12 +89,15 @@ TIMEOUTS = Timeouts(
 )
 
 GOV_ADD = b"gov:add:"
+GOV_REMOVE = b"gov:remove:"
 
 
 def governance_change(record: bytes) -> ValidatorSetChange | None:
-    """The simulator's governance encoding: ``gov:add:<32-byte key>``."""
+    """The simulator's governance encoding: ``gov:add:<key>`` or ``gov:remove:<key>``."""
     if record.startswith(GOV_ADD) and len(record) == len(GOV_ADD) + 32:
         return ValidatorSetChange(add=(record[len(GOV_ADD) :],))
+    if record.startswith(GOV_REMOVE) and len(record) == len(GOV_REMOVE) + 32:
+        return ValidatorSetChange(remove=(record[len(GOV_REMOVE) :],))
     return None
 
 
@@ -129,6 +134,7 @@ class Schedule:
     validators: int
     twins: bool
     extra_node: bool
+    removal: bool
     chaos_time: float
     drop: float
     duplicate: float
@@ -142,17 +148,20 @@ class Schedule:
         rng = random.Random(f"schedule-{seed}")
         validators = rng.choice((4, 4, 4, 5, 7))
         twins = rng.random() < 0.35
+        extra_node = rng.random() < 0.25
+        wipes = not twins and rng.random() < 0.3
         return cls(
             seed=seed,
             validators=validators,
             twins=twins,
-            extra_node=rng.random() < 0.25,
+            extra_node=extra_node,
+            removal=extra_node and not twins and not wipes and rng.random() < 0.5,
             chaos_time=rng.uniform(1.0, 4.0),
             drop=rng.choice((0.0, 0.05, 0.2, 0.4)),
             duplicate=rng.choice((0.0, 0.1, 0.3)),
             partitions=rng.random() < 0.6,
             crashes=rng.random() < 0.5,
-            wipes=not twins and rng.random() < 0.3,
+            wipes=wipes,
             records=rng.randint(0, 12),
         )
 
@@ -269,6 +278,8 @@ class Simulation:
             self._push(self.rng.uniform(0, s.chaos_time), "record", None)
         if s.extra_node:
             self._push(self.rng.uniform(0, s.chaos_time), "governance", None)
+        if s.removal:
+            self._push(self.rng.uniform(0, s.chaos_time), "removal", None)
         if s.crashes or s.wipes:
             t = 0.0
             while t < s.chaos_time:
@@ -313,6 +324,12 @@ class Simulation:
             self._submit(record)
         elif kind == "governance":
             self._submit(GOV_ADD + self.extra_key)
+        elif kind == "removal":
+            # Only once the addition is in force, so the set never drops below four.
+            if self.extra_key not in self.canonical_chain.validators:
+                self._push(self.now + 0.5, "removal", None)
+                return
+            self._submit(GOV_REMOVE + self.genesis.validators[0])
         elif kind == "crash":
             self._crash()
         elif kind == "restart":
@@ -456,6 +473,9 @@ class Simulation:
         if not node.honest or sender != node.key:
             return  # a Byzantine key, or another validator's vote this node relays
         kind = MessageKind.PROPOSAL if isinstance(message, Proposal) else MessageKind(message.type)
+        states = self.canonical_states
+        if message.height <= len(states) and sender not in states[message.height - 1].validators:
+            self.fail(f"n{node.index} signed at height {message.height} as a non-validator")
         slot = (sender, message.height, message.round, kind)
         signed = message.signing_bytes(CHAIN_ID)
         first = self.signed.setdefault(slot, signed)

@@ -45,8 +45,8 @@ def test_replay() -> None:
 def test_schedules_mix_every_fault() -> None:
     schedules = [Schedule.from_seed(seed) for seed in range(SEEDS)]
     assert {s.validators for s in schedules} == {4, 5, 7}
-    for feature in ("twins", "extra_node", "partitions", "crashes", "wipes"):
-        assert 0.1 * SEEDS < sum(getattr(s, feature) for s in schedules) < 0.9 * SEEDS, feature
+    for feature in ("twins", "extra_node", "removal", "partitions", "crashes", "wipes"):
+        assert 0.05 * SEEDS < sum(getattr(s, feature) for s in schedules) < 0.9 * SEEDS, feature
     assert any(s.drop > 0 and s.duplicate > 0 for s in schedules)
 
 
@@ -81,6 +81,23 @@ def test_added_authority_signs_after_its_governance_record_commits() -> None:
         assert min(heights) >= added_at + 2
         return
     raise AssertionError("no schedule committed the governance record and let the key sign")
+
+
+def test_removed_authority_leaves_the_validator_set() -> None:
+    for seed in range(200):
+        if not Schedule.from_seed(seed).removal:
+            continue
+        simulation = run_seed(seed)
+        removed = simulation.genesis.validators[0]
+        if removed in simulation.canonical_chain.next_validators:
+            continue
+        removed_at = next(
+            b.height for b in simulation.canonical if any(r.endswith(removed) for r in b.records)
+        )
+        assert removed in simulation.canonical_states[removed_at].validators  # at H + 1
+        assert removed not in simulation.canonical_states[removed_at + 1].validators  # H + 2
+        return
+    raise AssertionError("no schedule committed a removal")
 
 
 class ForgetfulSimulation(Simulation):

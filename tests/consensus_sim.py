@@ -437,9 +437,9 @@ class Simulation:
                 self._check_signed_once(node, action.message)
                 self._check_persisted(node, action.message)
                 event: Event = (
-                    ProposalReceived(action.message)
+                    ProposalReceived(action.message, node.key)
                     if isinstance(action.message, Proposal)
-                    else VoteReceived(action.message)
+                    else VoteReceived(action.message, node.key)
                 )
                 for other in self.nodes:
                     if other is not node:

@@ -119,12 +119,16 @@ def step(core: ConsensusCore, event: Event | None = None) -> list[Action]:
     return actions
 
 
-def feed(core: ConsensusCore, *messages: ConsensusMessage) -> list[Action]:
+def feed(
+    core: ConsensusCore, *messages: ConsensusMessage, relayed_by: bytes | None = None
+) -> list[Action]:
+    """Deliver messages straight from their signers, or relayed by `relayed_by`."""
     actions: list[Action] = []
     for message in messages:
-        event: Event = (
-            ProposalReceived(message) if isinstance(message, Proposal) else VoteReceived(message)
-        )
+        if isinstance(message, Proposal):
+            event: Event = ProposalReceived(message, relayed_by or message.proposer)
+        else:
+            event = VoteReceived(message, relayed_by or message.validator)
         actions += step(core, event)
     return actions
 
@@ -561,6 +565,27 @@ def test_node_that_lost_its_state_signs_nothing_until_past_the_heights_it_may_ha
     assert last_persisted(actions).signing_floor == 3
 
 
+def test_relayed_messages_do_not_tell_the_state_loss_guard_where_their_signers_are() -> None:
+    core = make_core(0, state_lost=True)
+    step(core)
+    b1 = block()
+    relayer = KEYS[1].public_key
+    feed(core, *[vote(i, VoteType.PREVOTE, 0, b1.hash) for i in (2, 3)], relayed_by=relayer)
+    feed(core, vote(1, VoteType.PREVOTE, 0, b1.hash))
+    assert core.signing_floor is None  # only node 1 was heard directly
+    feed(core, vote(2, VoteType.PREVOTE, 0, b1.hash), vote(3, VoteType.PREVOTE, 0, b1.hash))
+    assert core.signing_floor == 3
+
+
+def test_own_votes_relayed_back_raise_the_signing_floor() -> None:
+    core = make_core(0, state_lost=True)
+    step(core)
+    mine = vote(0, VoteType.PREVOTE, 0, None, height=5)
+    feed(core, mine, relayed_by=KEYS[1].public_key)
+    feed(core, *[vote(i, VoteType.PREVOTE, 0, None) for i in (1, 2, 3)])
+    assert core.signing_floor == 6  # it signed at height 5 before losing its state
+
+
 def test_state_loss_guard_survives_a_restart() -> None:
     core = make_core(1, state_lost=True)
     core.start()
@@ -646,3 +671,17 @@ def test_own_precommit_that_completes_the_quorum_is_persisted_before_it_leaves()
     first_persist = next(a for a in actions if isinstance(a, Persist))
     assert precommit in first_persist.state.own_messages
     assert core.height == 2
+
+
+def test_restart_keeps_the_proof_of_lock_and_relays_it() -> None:
+    core = make_core(0)
+    step(core)
+    b = block()
+    lock_on(core, b)
+    state = WalState.decode(core.wal_state().encode())
+    assert {v.validator for v in state.proof_of_lock} == {k.public_key for k in KEYS[:3]}
+    restarted = make_core(0, restored=state)
+    step(restarted)
+    actions = step(restarted, TimeoutFired(Timeout(TimeoutKind.RETRANSMIT, 1, 0)))
+    relayed = {a.message for a in actions if isinstance(a, Broadcast)}
+    assert set(state.proof_of_lock) <= relayed

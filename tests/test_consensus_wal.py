@@ -14,9 +14,11 @@ BLOCK = Block("pyrsia-test", 3, b"\x02" * 32, KEY, (b"record",))
 
 def state(round_: int = 0, floor: int | None = 0) -> WalState:
     vote = Vote(VoteType.PREVOTE, 3, round_, BLOCK.hash, KEY, b"\x03" * 64)
+    other = Vote(VoteType.PREVOTE, 3, round_, BLOCK.hash, b"\x09" * 32, b"\x07" * 64)
     proposal = Proposal(BLOCK, round_, -1, KEY, b"\x04" * 64)
+    proof = (vote, other)
     return WalState(
-        3, round_, Step.PRECOMMIT, round_, BLOCK, round_, BLOCK, (proposal, vote), floor
+        3, round_, Step.PRECOMMIT, round_, BLOCK, round_, BLOCK, (proposal, vote), floor, proof
     )
 
 

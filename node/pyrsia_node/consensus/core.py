@@ -139,12 +139,19 @@ class ConsensusConfig:
 
 @dataclass(frozen=True, slots=True)
 class ProposalReceived:
+    """`sender`: the authenticated node that handed us the message (None if unknown); it
+    differs from the signer when a message is relayed."""
+
     proposal: Proposal
+    sender: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class VoteReceived:
+    """`sender`: as for `ProposalReceived`."""
+
     vote: Vote
+    sender: bytes | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +263,7 @@ class ConsensusCore:
         self._record_valid = record_valid
         self._chain = chain
         self._pending: dict[bytes, None] = {}
-        self._future: list[ConsensusMessage] = []
+        self._future: list[tuple[ConsensusMessage, bytes | None]] = []
         self._last_sync_request = float("-inf")
         self.evidence: list[EquivocationFound] = []
         # State-loss guard: heights at which other validators were seen, own key's highest.
@@ -319,7 +326,14 @@ class ConsensusCore:
             self._valid_block,
             tuple(self._own.values()),
             self._signing_floor,
+            tuple(self._proof_of_lock()),
         )
+
+    def _proof_of_lock(self) -> list[Vote]:
+        if self._valid_block is None:
+            return []
+        by_value = self._tally.get((self._valid_round, VoteType.PREVOTE), {})
+        return list(by_value.get(self._valid_block.hash, {}).values())
 
     # Entry points ----------------------------------------------------------------------
 
@@ -340,9 +354,9 @@ class ConsensusCore:
     def handle(self, event: Event) -> list[Action]:
         self._begin()
         if isinstance(event, VoteReceived):
-            self._on_message(event.vote)
+            self._on_message(event.vote, event.sender)
         elif isinstance(event, ProposalReceived):
-            self._on_message(event.proposal)
+            self._on_message(event.proposal, event.sender)
         elif isinstance(event, TimeoutFired):
             self._on_timeout(event.timeout)
         elif isinstance(event, RecordSubmitted):
@@ -411,8 +425,8 @@ class ConsensusCore:
         else:
             self._start_round(0)
         future, self._future = self._future, []
-        for message in future:
-            self._on_message(message)
+        for message, via in future:
+            self._on_message(message, via)
 
     def _resume(self, state: WalState) -> None:
         self._round, self._step = state.round, state.step
@@ -424,6 +438,9 @@ class ConsensusCore:
             self._own[_slot(message)] = message
             self._store(message)
             self._outbox.append(message)
+        for vote in state.proof_of_lock:
+            if vote.height == self._height and self._first_in_slot(vote) is None:
+                self._store(vote)
         if self._step is Step.NEW_HEIGHT:
             self._enter_height()
         elif self._step is Step.PROPOSE:
@@ -674,11 +691,7 @@ class ConsensusCore:
         to accept its re-proposal, line 28) and every first vote of the current and the
         previous round (the precommits that ended the previous round, line 47, and the
         messages that let lagging nodes skip rounds, line 55)."""
-        relayed: dict[bytes, Vote] = {}
-        if self._valid_block is not None:
-            by_value = self._tally.get((self._valid_round, VoteType.PREVOTE), {})
-            for vote in by_value.get(self._valid_block.hash, {}).values():
-                relayed[vote.signature] = vote
+        relayed = {vote.signature: vote for vote in self._proof_of_lock()}
         for round_ in (self._round - 1, self._round):
             for vote_type in (VoteType.PREVOTE, VoteType.PRECOMMIT):
                 for vote in self._votes.get((round_, vote_type), {}).values():
@@ -696,7 +709,7 @@ class ConsensusCore:
 
     # Incoming messages -----------------------------------------------------------------
 
-    def _on_message(self, message: ConsensusMessage) -> None:
+    def _on_message(self, message: ConsensusMessage, via: bytes | None) -> None:
         height, round_, _ = _slot(message)
         if round_ > self.config.max_round:
             return
@@ -705,8 +718,11 @@ class ConsensusCore:
         ):
             return
         sender = _sender(message)
+        # Only a message straight from its signer shows where the signer is now; a relayed
+        # one may be old. The state-loss guard relies on that.
+        direct = via == sender
         if height > self._height:
-            self._on_future_message(message, sender, height)
+            self._on_future_message(message, sender, height, via)
             return
         if height < self._height:
             return
@@ -724,25 +740,36 @@ class ConsensusCore:
         if first is None:
             if message.verify(self.config.chain_id, self._verify):
                 self._store(message)
-                self._observe(sender, height)
+                if direct:
+                    self._observe(sender, height)
             return
+        if direct and first.signature == message.signature:
+            self._observe(sender, height)
         if self._already_counted(message) or not self._conflicts(first, message):
             return
         if self._report_equivocation(first, message):
             self._store_extra_value(message)
 
-    def _on_future_message(self, message: ConsensusMessage, sender: bytes, height: int) -> None:
+    def _on_future_message(
+        self, message: ConsensusMessage, sender: bytes, height: int, via: bytes | None
+    ) -> None:
         known = sender in self._chain.validators or sender in self._chain.next_validators
         if not known:
             return
         if height == self._height + 1 and len(self._future) < self.config.max_future_messages:
-            self._future.append(message)
-        if self._signing_floor is None and message.verify(self.config.chain_id, self._verify):
+            self._future.append((message, via))
+        if (
+            self._signing_floor is None
+            and sender in (via, self._key)
+            and message.verify(self.config.chain_id, self._verify)
+        ):
             self._observe(sender, height)
         now = self._clock()
         if now - self._last_sync_request >= self.config.timeouts.sync_interval:
             self._last_sync_request = now
-            self._actions.append(RequestSync(sender, self._height))
+            # The node that handed us the message has reached its height; the signer of a
+            # relayed message need not be reachable.
+            self._actions.append(RequestSync(via or sender, self._height))
 
     def _on_own_key_message(self, message: ConsensusMessage) -> None:
         """A message signed with our key that this core did not produce: a twin, or this

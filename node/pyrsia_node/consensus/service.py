@@ -401,7 +401,9 @@ class ConsensusService:
             log.warning("consensus: malformed message from %s: %s", sender.hex()[:16], exc)
             return
         event: Event = (
-            ProposalReceived(message) if isinstance(message, Proposal) else VoteReceived(message)
+            ProposalReceived(message, sender)
+            if isinstance(message, Proposal)
+            else VoteReceived(message, sender)
         )
         self._events.put_nowait(event)
 

@@ -29,6 +29,7 @@ from pyrsia_node.consensus.messages import (
     ConsensusMessage,
     MessageKind,
     Proposal,
+    Vote,
     decode_message,
     encode_message,
 )
@@ -65,6 +66,10 @@ class WalState:
     own_messages: tuple[ConsensusMessage, ...]
     signing_floor: int | None
     """Lowest height this key may sign at; None while it is still unknown after state loss."""
+    proof_of_lock: tuple[Vote, ...] = ()
+    """The quorum of prevotes for valid_block in valid_round: after a restart the node still
+    holds them, so it can relay them and others can accept its re-proposal even when some
+    of their signers are gone."""
 
     def encode(self) -> bytes:
         # Each distinct block is written once: the locked block, the valid block and an own
@@ -94,6 +99,9 @@ class WalState:
             writer.blob(block.canonical_bytes())
         writer.i64(self.locked_round).i64(locked).i64(self.valid_round).i64(valid)
         writer.raw(messages.bytes())
+        writer.u32(len(self.proof_of_lock))
+        for vote in self.proof_of_lock:
+            writer.blob(encode_message(vote))
         writer.i64(-1 if self.signing_floor is None else self.signing_floor)
         return writer.bytes()
 
@@ -125,6 +133,12 @@ class WalState:
                 messages.append(Proposal(block, round_of, valid_of, proposer, signature))
             else:
                 messages.append(decode_message(reader.blob()))
+        proof: list[Vote] = []
+        for _ in range(reader.u32()):
+            vote = decode_message(reader.blob())
+            if not isinstance(vote, Vote):
+                raise CanonicalDecodeError("the proof of lock holds a proposal")
+            proof.append(vote)
         floor = reader.i64()
         reader.end()
         return cls(
@@ -137,6 +151,7 @@ class WalState:
             valid_block,
             tuple(messages),
             None if floor < 0 else floor,
+            tuple(proof),
         )
 
 

@@ -20,12 +20,17 @@ Invariants the core maintains, each checked by tests/test_consensus*.py:
   a `Persist` whose state contains that message and the current lock. The shell must not
   execute a later action until a `Persist` is durable (fsynced).
 * State loss: a core started with `state_lost=True` (its key may have signed before, but
-  the write-ahead state is gone) signs nothing until it has seen messages from a quorum of
-  other validators and committed past the highest height among them plus one; by quorum
-  intersection the key cannot have signed at a height that high.
-* First vote counts: only the first valid vote per (height, round, type, validator) and the
-  first valid proposal per (height, round) count; a conflicting, validly signed second one is
-  kept in `evidence` and reported with `EquivocationFound`.
+  the write-ahead state is gone) signs nothing until it has received messages straight from
+  a quorum of other validators (relayed copies do not count: they may be old) and committed
+  past the highest height among them plus one, and past every height at which it sees its
+  own key's signature; by quorum intersection the key cannot have signed at a height that
+  high. Assumption: the node was down longer than the longest message delay.
+* First vote counts: only the first valid vote per (height, round, type, validator) counts
+  towards "2f+1 of any value" and round skips, and only the first proposal per round gets
+  this node's prevote; a conflicting, validly signed second one is kept in `evidence` and
+  reported with `EquivocationFound`. It still counts towards quorums *for its own value*
+  (as the paper's message sets do; at most `MAX_VALUES_PER_SLOT` values per key), because
+  otherwise an equivocator can show honest nodes different first votes and stall them.
 * Validator sets come from `ChainState`: a governance record committed at H changes the set
   from H + 2, decoded by the injected `validator_set_change`.
 

@@ -250,6 +250,9 @@ def create_network(
     ``node.yaml``. Node i (authorities first) listens on ``base_port + 10*i`` (HTTP), ``+1``
     (gRPC) and ``+2`` (metrics).
     """
+    # consensus imports this module; import it here, not at the top, to avoid a cycle
+    from pyrsia_node.consensus.service import initialize_state
+
     if authorities < 1:
         raise GenesisError("a network needs at least one authority")
     if peers < 0:
@@ -271,6 +274,8 @@ def create_network(
         data_dir = root / name
         identity = Identity.generate()
         identity.save(data_dir / "keys" / "node.key")
+        # A fresh key has never signed: say so, so the node may vote from its first start.
+        initialize_state(data_dir / "consensus")
         tls.save_key_pair(data_dir / "keys", tls.issue_node_certificate(ca, name, (host,)))
         node = LocalNode(
             name, role, data_dir, data_dir / "node.yaml", port, port + 1, port + 2, host

@@ -21,6 +21,8 @@ from pyrsia.v1 import peer_pb2, peer_pb2_grpc
 from pyrsia_node import __version__, api, identity
 from pyrsia_node.api.ledger import routes as ledger_routes
 from pyrsia_node.config import NodeConfig
+from pyrsia_node.consensus import ConsensusConfig, Timeouts
+from pyrsia_node.consensus.service import ConsensusService, GrpcTransport
 from pyrsia_node.distribution import attach
 from pyrsia_node.genesis import Genesis, GenesisError
 from pyrsia_node.ledger import TransparencyLog
@@ -60,6 +62,21 @@ class Node:
             config.bootstrap,
             self.channel,
             interval=1.0,
+        )
+        self.consensus = ConsensusService(
+            self.identity,
+            self.genesis,
+            config.data_dir / "consensus",
+            self.ledger,
+            GrpcTransport(
+                self.identity,
+                self.genesis.chain_id,
+                self.channel,
+                lambda: int(time.time() * 1000),
+            ),
+            # A short pause after each commit lets a block gather the records submitted
+            # meanwhile and keeps a lone authority from committing in a busy loop.
+            config=ConsensusConfig(self.genesis.chain_id, timeouts=Timeouts(commit=0.2)),
         )
         self.uploads_in_flight = 0
         # Peer-to-peer blob distribution (DHT + transfer). Authorities get their upstream
@@ -118,10 +135,11 @@ class Node:
                 for p in peers
             ],
             "ledger": {
-                "height": 0,
+                "height": self.consensus.height,
                 "size": self.ledger.size,
                 "root": self.ledger.root().hex(),
             },
+            "consensus": self.consensus.status() if self.consensus.started else None,
         }
 
     def ready(self) -> tuple[bool, str]:
@@ -135,6 +153,7 @@ class Node:
         server = grpc.aio.server()
         peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self.peering), server)
         self.distribution.register(server)
+        self.consensus.register(server)
         listen = f"{self.config.listen_host}:{self.config.grpc_port}"
         if self.tls is None:
             log.warning("gRPC without TLS (insecure_plaintext): for debugging only")
@@ -152,6 +171,7 @@ class Node:
             asyncio.create_task(self._sample_load(), name="load-sampler"),
         ]
         await self.distribution.start()
+        await self.consensus.start()
         self._started = True
         log.info(
             "node %s (%s, %s) serving: grpc %s, http %s, metrics %s",
@@ -190,6 +210,8 @@ class Node:
     async def stop(self) -> None:
         self._started = False
         await self.distribution.stop()
+        if self.consensus.started:
+            await self.consensus.stop()
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:

@@ -9,7 +9,6 @@ operator's context (the ``nodestatus``/``governance`` seams), not through the ne
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -17,7 +16,7 @@ from typing import Any
 import kopf
 import pytest
 from pyrsia_node.genesis import Genesis
-from pyrsia_node.identity import verify_signature
+from pyrsia_node.ledger import GovernanceAction, GovernanceRecord, decode_record
 from pyrsia_operator import governance, handlers
 from pyrsia_operator.kube import Connection, Kube
 from pyrsia_operator.nodestatus import NodeStatus
@@ -60,10 +59,10 @@ class FakeGovernance:
     """Records submitted membership records; rejects while ``reject`` is set."""
 
     def __init__(self) -> None:
-        self.records: list[tuple[str, dict[str, Any]]] = []
+        self.records: list[tuple[str, bytes]] = []
         self.reject = False
 
-    async def __call__(self, base_url: str, record: dict[str, Any]) -> None:
+    async def __call__(self, base_url: str, record: bytes) -> None:
         if self.reject:
             raise governance.GovernanceRejected(f"{base_url} answered HTTP 404")
         self.records.append((base_url, record))
@@ -310,24 +309,15 @@ async def test_authority_node_joins_and_leaves_through_governance(
         }
     )
     await eventually(lambda: gov.records, what="add record submitted")
-    base_url, record = gov.records[0]
+    base_url, record_bytes = gov.records[0]
     assert base_url == "http://net-api.pyrsia.svc:7888"
-    assert record["payload"]["action"] == "add"
-    assert record["payload"]["authority"]["name"] == "extra"
-    change = governance.MembershipChange(
-        "add",
-        "test-chain",
-        handlers.builders.genesis_authority(
-            handlers.parse_network("net", NS, network_body()["spec"]),
-            handlers.parse_authority("extra", {"networkRef": {"name": "net"}}),
-            base64.b64decode(record["payload"]["authority"]["public_key"]),
-        ),
-    )
-    assert verify_signature(
-        genesis.governance_public_key,
-        base64.b64decode(record["signature"]),
-        change.signing_bytes(),
-    )
+    record = decode_record(record_bytes)
+    assert isinstance(record, GovernanceRecord)
+    assert record.action is GovernanceAction.ADD
+    assert record.name == "extra"
+    assert record.chain_id == "test-chain"
+    # Signed by the network's governance key: the network would apply it.
+    record.verify(genesis.governance_public_key, genesis.chain_id)
     sts = await eventually(
         lambda: kube.get("apps/v1", "StatefulSet", NS, "extra"), what="extra StatefulSet"
     )
@@ -339,7 +329,11 @@ async def test_authority_node_joins_and_leaves_through_governance(
 
     await kube.delete("pyrsia.io/v1alpha1", "AuthorityNode", NS, "extra")
     await eventually(lambda: len(gov.records) == 2, what="remove record submitted")
-    assert gov.records[1][1]["payload"]["action"] == "remove"
+    removal = decode_record(gov.records[1][1])
+    assert isinstance(removal, GovernanceRecord)
+    assert removal.action is GovernanceAction.REMOVE
+    assert removal.public_key == record.public_key
+    removal.verify(genesis.governance_public_key, genesis.chain_id)
 
     async def gone() -> bool:
         return await kube.get("pyrsia.io/v1alpha1", "AuthorityNode", NS, "extra") is None

@@ -1,35 +1,41 @@
 """Membership changes as signed governance records, submitted to a running authority.
 
 Adding or removing an ``AuthorityNode`` never edits files under running nodes: the operator
-signs a membership change with the network's governance key and submits it to an authority's
-admin API (``POST /api/v1/governance``); the network commits it like any record and applies
-it at height H+2.
+builds the ledger's ``GovernanceRecord`` (``pyrsia_node.ledger``), signs it with the
+network's governance key and submits its canonical bytes to an authority's admin API
+(``POST /api/v1/records``); the network commits it like any record and applies it at
+height H+2. A node that does not admit the record is reported as ``GovernanceRejected``
+with what it answered; success is never assumed.
 
-Status of the node side: the ledger's ``GovernanceRecord`` and the node's governance
-endpoint do not exist yet. ``change_record`` is therefore this module's own encoding
-(canonical JSON with a domain-separated signature) and ``HttpGovernanceSubmitter`` reports a
-node that does not accept the record as ``GovernanceRejected`` — it never pretends success.
-When ``pyrsia_node.ledger`` defines ``GovernanceRecord``, ``change_record`` must build that
-type instead; nothing else here changes.
+The record's ``sequence`` makes every membership change distinct (an authority removed and
+added again produces new records) while staying stable across retries of one change: it
+is the AuthorityNode's creation time (add) or deletion time (remove) in milliseconds.
 """
 
 from __future__ import annotations
 
-import base64
-import json
+import datetime as dt
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Literal, Protocol
 
 import aiohttp
 from pyrsia_node.genesis import Authority
 from pyrsia_node.identity import Identity
+from pyrsia_node.ledger import GovernanceAction, GovernanceRecord
 
-DOMAIN = b"pyrsia/governance/membership/v1\n"
-ENDPOINT = "/api/v1/governance"
+ENDPOINT = "/api/v1/records"
 
 
 class GovernanceRejected(RuntimeError):
     """No authority accepted the record; says which node answered what."""
+
+
+def sequence_from_timestamp(timestamp: str | None) -> int:
+    """Milliseconds since the epoch of a Kubernetes timestamp (``2026-11-21T12:00:00Z``)."""
+    if not timestamp:
+        return 0
+    moment = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    return int(moment.timestamp() * 1000)
 
 
 @dataclass(frozen=True, slots=True)
@@ -37,39 +43,38 @@ class MembershipChange:
     action: Literal["add", "remove"]
     chain_id: str
     authority: Authority
-
-    def payload(self) -> dict[str, Any]:
-        a = self.authority
-        return {
-            "action": self.action,
-            "chain_id": self.chain_id,
-            "authority": {
-                "name": a.name,
-                "node_id": a.node_id,
-                "public_key": base64.b64encode(a.public_key).decode(),
-                "grpc_address": a.grpc_address,
-                "http_address": a.http_address,
-                "metrics_address": a.metrics_address,
-            },
-        }
-
-    def signing_bytes(self) -> bytes:
-        """Domain tag, then canonical JSON (sorted keys, no spaces); the chain id is inside."""
-        return DOMAIN + json.dumps(self.payload(), sort_keys=True, separators=(",", ":")).encode()
+    sequence: int
 
 
-def change_record(change: MembershipChange, governance: Identity) -> dict[str, Any]:
-    """The signed record as submitted: payload, governance public key and signature."""
-    return {
-        "kind": "membership",
-        "payload": change.payload(),
-        "governance_public_key": base64.b64encode(governance.public_key).decode(),
-        "signature": base64.b64encode(governance.sign(change.signing_bytes())).decode(),
-    }
+def change_record(change: MembershipChange, governance: Identity) -> bytes:
+    """The canonical bytes of the signed ``GovernanceRecord`` for ``change``."""
+    a = change.authority
+    if change.action == "add":
+        record = GovernanceRecord.create(
+            governance,
+            change.chain_id,
+            change.sequence,
+            GovernanceAction.ADD,
+            a.name,
+            a.public_key,
+            a.grpc_address,
+            a.http_address,
+            a.metrics_address,
+        )
+    else:  # a removal names the key only; addresses mean nothing for a leaving authority
+        record = GovernanceRecord.create(
+            governance,
+            change.chain_id,
+            change.sequence,
+            GovernanceAction.REMOVE,
+            a.name,
+            a.public_key,
+        )
+    return record.encode()
 
 
 class GovernanceSubmitter(Protocol):
-    async def __call__(self, base_url: str, record: dict[str, Any]) -> None: ...
+    async def __call__(self, base_url: str, record: bytes) -> None: ...
 
 
 class HttpGovernanceSubmitter:
@@ -78,17 +83,17 @@ class HttpGovernanceSubmitter:
     def __init__(self, timeout: float = 10.0) -> None:
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
-    async def __call__(self, base_url: str, record: dict[str, Any]) -> None:
+    async def __call__(self, base_url: str, record: bytes) -> None:
         url = f"{base_url}{ENDPOINT}"
+        headers = {"Content-Type": "application/octet-stream"}
         try:
             async with (
                 aiohttp.ClientSession(timeout=self._timeout) as session,
-                session.post(url, json=record) as resp,
+                session.post(url, data=record, headers=headers) as resp,
             ):
                 if resp.status // 100 == 2:
                     return
                 text = (await resp.text())[:300]
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise GovernanceRejected(f"{url} unreachable: {exc or type(exc).__name__}") from exc
-        hint = " (this node version has no governance endpoint yet)" if resp.status == 404 else ""
-        raise GovernanceRejected(f"{url} answered HTTP {resp.status}{hint}: {text}")
+        raise GovernanceRejected(f"{url} answered HTTP {resp.status}: {text}")

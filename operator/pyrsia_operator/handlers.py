@@ -573,6 +573,7 @@ async def reconcile_authority_node(ctx: OperatorContext, body: Mapping[str, Any]
                 "add",
                 net.chain_id,
                 builders.genesis_authority(net, authority, identity.public_key),
+                governance.sequence_from_timestamp(meta.get("creationTimestamp")),
             )
             try:
                 await _submit_change(ctx, net, change)
@@ -692,6 +693,7 @@ async def authority_node_deleted(body: kopf.Body, memo: Any, **_: Any) -> None:
         "remove",
         genesis.chain_id,
         builders.genesis_authority(net, authority, identity.public_key),
+        governance.sequence_from_timestamp(meta.get("deletionTimestamp")),
     )
     try:
         await _submit_change(ctx, net, change)

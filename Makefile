@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: up test lint proto bench clean
+.PHONY: up test lint proto clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "pyrsia needs Python 3.11 or newer; set PYTHON=python3.11")'
@@ -27,9 +27,6 @@ test: lint
 
 proto: $(STAMP)
 	$(BIN)/python protos/generate.py
-
-bench: $(STAMP)
-	$(BIN)/python -m bench
 
 clean:
 	rm -rf $(VENV) .pyrsia-local .mypy_cache .ruff_cache .pytest_cache

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 
 Role = Literal["authority", "peer"]
+MirrorMode = Literal["strict", "fallback"]
 ENV_PREFIX = "PYRSIA_"
 
 
@@ -57,6 +58,14 @@ class NodeConfig:
     metrics_interval: float = 1.0
     log_level: str = "INFO"
     weights: Weights = field(default_factory=Weights)
+    # What the OCI pull API does with content no committed record covers yet: "strict"
+    # waits up to build_timeout for the authorities to commit it, "fallback" answers 404 at
+    # once (containerd then pulls from its upstream) while the build runs.
+    mirror_mode: MirrorMode = "strict"
+    build_timeout: float = 60.0
+    # Authorities only: registry name -> URL to fetch from instead of the genesis upstream's
+    # URL (e.g. a regional pull-through cache). Attestations still name the registry.
+    upstream_overrides: tuple[tuple[str, str], ...] = ()
 
     @property
     def genesis_path(self) -> Path:
@@ -154,6 +163,40 @@ def _addresses(key: str, raw: object) -> tuple[str, ...]:
     return tuple(str(item) for item in items)
 
 
+def _mirror_mode(key: str, raw: object) -> MirrorMode:
+    if raw == "strict":
+        return "strict"
+    if raw == "fallback":
+        return "fallback"
+    raise ConfigError(key, raw, "'strict' or 'fallback'")
+
+
+def _upstream_overrides(key: str, raw: object) -> tuple[tuple[str, str], ...]:
+    expected = "a mapping of registry name to http(s) URL (NAME=URL,... in the environment)"
+    pairs: list[tuple[object, object]]
+    if isinstance(raw, str):
+        pairs = []
+        for part in (p.strip() for p in raw.split(",")):
+            if not part:
+                continue
+            registry, sep, address = part.partition("=")
+            if not sep:
+                raise ConfigError(key, part, expected)
+            pairs.append((registry.strip(), address.strip()))
+    elif isinstance(raw, Mapping):
+        pairs = list(raw.items())
+    else:
+        raise ConfigError(key, raw, expected)
+    out: list[tuple[str, str]] = []
+    for name, url in pairs:
+        if not isinstance(name, str) or not name or not isinstance(url, str):
+            raise ConfigError(key, {name: url}, expected)
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{key}.{name}", url, "an http:// or https:// URL")
+        out.append((name, url.rstrip("/")))
+    return tuple(sorted(out))
+
+
 def _log_level(key: str, raw: object) -> str:
     text = str(raw).upper()
     if text not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -177,6 +220,9 @@ _NODE_PARSERS: dict[str, _Parser] = {
     "insecure_plaintext": _bool,
     "metrics_interval": _positive_float,
     "log_level": _log_level,
+    "mirror_mode": _mirror_mode,
+    "build_timeout": _positive_float,
+    "upstream_overrides": _upstream_overrides,
 }
 _WEIGHT_KEYS = tuple(f.name for f in dataclasses.fields(Weights))
 

@@ -14,6 +14,9 @@ never reads upstreams and never serves a blob or manifest the catalog does not v
 When content is unknown it may ask for a build through the injected ``request_build``:
 mode ``fallback`` answers 404 at once (containerd then pulls from its upstream while the
 authorities acquire), mode ``strict`` waits up to ``build_timeout`` for the commit.
+Committed content that is not in the local store yet is made present through the injected
+``fetch`` (the node passes peer-to-peer distribution), which verifies digests before the
+bytes become visible; without ``fetch`` such content answers 404.
 """
 
 from __future__ import annotations
@@ -84,6 +87,14 @@ class BuildRejected(Exception):
 
 
 RequestBuild = Callable[[BuildRequest], Coroutine[Any, Any, None]]
+
+
+class ContentUnavailable(Exception):
+    """Raised by a ``fetch`` callback when committed content could not be fetched; the
+    message is shown to the pulling client."""
+
+
+Fetch = Callable[[str], Coroutine[Any, Any, None]]
 
 
 class Catalog(Protocol):
@@ -180,7 +191,9 @@ class _Mirror:
         request_build: RequestBuild | None,
         build_timeout: float,
         default_registry: str,
+        fetch: Fetch | None,
     ) -> None:
+        self.fetch = fetch
         self.catalog = catalog
         self.store = store
         self.mode = mode
@@ -222,6 +235,7 @@ class _Mirror:
         ref = await self.catalog.resolve(name, reference)
         if ref is None:
             ref = await self._build(name, reference, head)
+        await self._make_present(name, ref.digest, "MANIFEST_UNKNOWN", head)
         try:
             data = await self.store.read(ref.digest)
         except BlobNotFound as exc:
@@ -241,6 +255,21 @@ class _Mirror:
         if head:
             return web.Response(headers=headers)
         return web.Response(body=data, headers=headers)
+
+    async def _make_present(self, name: RepositoryName, digest: str, code: str, head: bool) -> None:
+        """Fetch committed content missing from the store, if a ``fetch`` was given."""
+        if self.fetch is None or self.store.has(digest):
+            return
+        try:
+            await self.fetch(digest)
+        except ContentUnavailable as exc:
+            raise RegistryError(
+                404,
+                code,
+                f"{name}@{digest} is committed but could not be fetched from the network: "
+                f"{exc}; retry shortly",
+                head=head,
+            ) from exc
 
     async def _build(self, name: RepositoryName, reference: str, head: bool) -> ManifestRef:
         """Ask for a build of unknown content; in strict mode wait for its commit."""
@@ -298,9 +327,17 @@ class _Mirror:
             raise RegistryError(
                 400, "DIGEST_INVALID", f"{digest!r}: expected sha256:<64 hex>", head=head
             )
-        if not await self.catalog.has_blob(name, digest) or not self.store.has(digest):
+        if not await self.catalog.has_blob(name, digest):
             raise RegistryError(
                 404, "BLOB_UNKNOWN", f"blob {digest} is not committed for {name}", head=head
+            )
+        await self._make_present(name, digest, "BLOB_UNKNOWN", head)
+        if not self.store.has(digest):
+            raise RegistryError(
+                404,
+                "BLOB_UNKNOWN",
+                f"blob {digest} of {name} is committed but not on this node yet; retry shortly",
+                head=head,
             )
         # FileResponse answers Range (206/416), HEAD and conditional requests and streams
         # with sendfile, so serving a blob costs no memory proportional to its size.
@@ -351,7 +388,8 @@ def routes(
     request_build: RequestBuild | None = None,
     build_timeout: float = 60.0,
     default_registry: str = "docker.io",
+    fetch: Fetch | None = None,
 ) -> list[web.RouteDef]:
     """Route definitions for the pull API; add them to the node's HTTP application."""
-    mirror = _Mirror(catalog, store, mode, request_build, build_timeout, default_registry)
+    mirror = _Mirror(catalog, store, mode, request_build, build_timeout, default_registry, fetch)
     return [web.get("/v2/{path:.*}", mirror.dispatch, allow_head=True)]

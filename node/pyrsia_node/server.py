@@ -1,6 +1,11 @@
 """Wiring: one node process. Starts the gRPC server (mutual TLS unless the debugging flag
-says otherwise), the HTTP server (health, admin API), the metrics server and the
-background loops, and stops all of them on SIGTERM/SIGINT within a few seconds.
+says otherwise), the HTTP server (health, admin API, OCI pull API), the metrics server and
+the background loops, and stops all of them on SIGTERM/SIGINT within a few seconds.
+
+The image mirror path is joined here: the registry serves what the ledger-backed catalog
+vouches for, fetches missing bytes through peer-to-peer distribution and asks an authority
+for a build when a tag is unknown; authorities acquire, attest and agree (``build``), and
+consensus admits an artifact record only when enough authorities attested it.
 
 What it must never do: hold domain logic. Everything it starts lives in its own module.
 """
@@ -12,24 +17,42 @@ import contextlib
 import logging
 import signal
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 import grpc
 from aiohttp import web
-from pyrsia.v1 import peer_pb2, peer_pb2_grpc
+from pyrsia.v1 import build_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 from pyrsia_node import __version__, api, identity
+from pyrsia_node.api.builds import routes as build_routes
 from pyrsia_node.api.ledger import routes as ledger_routes
+from pyrsia_node.build import (
+    BuildClient,
+    BuildCoordinator,
+    BuildServicer,
+    ImageAcquirer,
+    attestation_threshold,
+    record_validator,
+    registry_builds,
+    remote_acquirer,
+)
+from pyrsia_node.catalog import LedgerCatalog
 from pyrsia_node.config import NodeConfig
 from pyrsia_node.consensus import ConsensusConfig, Timeouts
+from pyrsia_node.consensus.messages import Block, CommitCertificate
 from pyrsia_node.consensus.service import ConsensusService, GrpcTransport
-from pyrsia_node.distribution import attach
-from pyrsia_node.genesis import Genesis, GenesisError
+from pyrsia_node.distribution import BlobUnavailable, attach
+from pyrsia_node.genesis import Authority, Genesis, GenesisError, Upstream
 from pyrsia_node.ledger import TransparencyLog
+from pyrsia_node.ledger.log import LogError
 from pyrsia_node.metrics import LoadSampler, NodeMetrics
 from pyrsia_node.peering import Peering, PeerServicer, sign_node_info
+from pyrsia_node.registry import ContentUnavailable
+from pyrsia_node.registry import routes as registry_routes
 from pyrsia_node.store import BlobStore
 from pyrsia_node.tls import TARGET_NAME, NodeTls
+from pyrsia_node.transfer import TransferError
 
 log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 2.0
@@ -77,11 +100,36 @@ class Node:
             # A short pause after each commit lets a block gather the records submitted
             # meanwhile and keeps a lone authority from committing in a busy loop.
             config=ConsensusConfig(self.genesis.chain_id, timeouts=Timeouts(commit=0.2)),
+            record_valid=record_validator(self._validators, self._threshold),
+            on_commit=self._on_commit,
         )
+        self.catalog = LedgerCatalog(self.ledger)
         self.uploads_in_flight = 0
-        # Peer-to-peer blob distribution (DHT + transfer). Authorities get their upstream
-        # origin from the acquisition path; until one is set they serve what they hold.
+        # Peer-to-peer blob distribution (DHT + transfer). An authority holds the blobs of
+        # the images it acquired in builds; its origin refuses anything else, so no blob
+        # is ever fetched from upstream outside an attested acquisition.
         self.distribution = attach(self)
+        self.acquirer: ImageAcquirer | None = None
+        self.builds: BuildCoordinator | None = None
+        if config.role == "authority":
+            self.distribution.origin = self._not_acquired
+            self.acquirer = ImageAcquirer(
+                self.identity, self.store, self._upstreams(), self.distribution.announce
+            )
+            self.builds = BuildCoordinator(
+                self.identity.node_id,
+                self._current_authorities,
+                self._threshold,
+                remote_acquirer(
+                    self.identity.node_id, self.acquirer, self.channel, config.build_timeout
+                ),
+                self.consensus.submit,
+                self._committed_index,
+                acquire_timeout=config.build_timeout,
+                commit_timeout=config.build_timeout,
+            )
+        self.build_client = BuildClient(self._current_authorities, self.channel, self.builds)
+        self._background: set[asyncio.Task[None]] = set()
         self._started = False
         self._grpc: grpc.aio.Server | None = None
         self._runners: list[web.AppRunner] = []
@@ -110,6 +158,67 @@ class Node:
             self.tls.channel_credentials(),
             options=[("grpc.ssl_target_name_override", TARGET_NAME)],
         )
+
+    def _upstreams(self) -> dict[str, Upstream]:
+        """The genesis upstreams by registry name, with this node's URL overrides."""
+        overrides = dict(self.config.upstream_overrides)
+        unknown = sorted(set(overrides) - {u.name for u in self.genesis.upstreams})
+        if unknown:
+            raise GenesisError(
+                f"upstream_overrides names {', '.join(unknown)}, which the genesis does not "
+                "list as upstreams; override only registries the network mirrors"
+            )
+        return {
+            u.name: Upstream(u.name, overrides.get(u.name, u.url), u.insecure)
+            for u in self.genesis.upstreams
+        }
+
+    def _validators(self) -> dict[str, bytes]:
+        """The current authorities, node id -> public key (genesis until consensus runs)."""
+        keys = (
+            self.consensus.core.chain.validators.validators
+            if self.consensus.started
+            else tuple(a.public_key for a in self.genesis.authorities)
+        )
+        return {identity.node_id_for(k): k for k in keys}
+
+    def _threshold(self, authorities: int) -> int:
+        return attestation_threshold(self.genesis, authorities)
+
+    def _current_authorities(self) -> list[Authority]:
+        current = self._validators()
+        return [a for a in self.genesis.authorities if a.node_id in current]
+
+    async def _committed_index(self, record_hash: bytes) -> int | None:
+        try:
+            return await asyncio.to_thread(self.ledger.index_of, record_hash)
+        except LogError:
+            return None
+
+    async def _not_acquired(self, digest: str) -> None:
+        raise BlobUnavailable(
+            digest,
+            f"authority {self.config.name or self.identity.node_id[:16]} has not acquired it; "
+            "authorities fetch from upstream only in a build (pyrsia build docker --image "
+            "NAME:TAG)",
+        )
+
+    async def _fetch_for_registry(self, digest: str) -> None:
+        try:
+            await self.distribution.fetch_blob(digest)
+        except TransferError as exc:
+            raise ContentUnavailable(str(exc)) from exc
+        except grpc.aio.AioRpcError as exc:
+            raise ContentUnavailable(f"{exc.code().name}: {exc.details()}") from exc
+
+    def _on_commit(self, block: Block, cert: CommitCertificate) -> None:
+        if block.records:
+            self._spawn(self.catalog.refresh(), "catalog-refresh")
+
+    def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def status(self) -> dict[str, Any]:
         peers = sorted(self.peering.table.connected(), key=lambda i: (i.role, i.name))
@@ -154,6 +263,9 @@ class Node:
         peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self.peering), server)
         self.distribution.register(server)
         self.consensus.register(server)
+        build_pb2_grpc.add_BuildServicer_to_server(
+            BuildServicer(self.acquirer, self.builds), server
+        )
         listen = f"{self.config.listen_host}:{self.config.grpc_port}"
         if self.tls is None:
             log.warning("gRPC without TLS (insecure_plaintext): for debugging only")
@@ -163,7 +275,20 @@ class Node:
         await server.start()
         self._grpc = server
 
-        app = api.build_app(self.status, self.ready, ledger_routes(self.ledger))
+        await self.catalog.refresh()
+        mirror = registry_routes(
+            self.catalog,
+            self.store,
+            mode=self.config.mirror_mode,
+            request_build=registry_builds(self.build_client, self.catalog.wait_indexed),
+            build_timeout=self.config.build_timeout,
+            fetch=self._fetch_for_registry,
+        )
+        app = api.build_app(
+            self.status,
+            self.ready,
+            [*ledger_routes(self.ledger), *build_routes(self.build_client), *mirror],
+        )
         await self._serve(app, self.config.http_port)
         await self._serve(self._metrics_app(), self.config.metrics_port)
         self._tasks = [
@@ -172,6 +297,8 @@ class Node:
         ]
         await self.distribution.start()
         await self.consensus.start()
+        # Consensus start may have re-appended records a crash cut off from the ledger.
+        await self.catalog.refresh()
         self._started = True
         log.info(
             "node %s (%s, %s) serving: grpc %s, http %s, metrics %s",
@@ -209,6 +336,12 @@ class Node:
 
     async def stop(self) -> None:
         self._started = False
+        if self.builds is not None:
+            await self.builds.close()
+        if self.acquirer is not None:
+            await self.acquirer.close()
+        for task in self._background:
+            task.cancel()
         await self.distribution.stop()
         if self.consensus.started:
             await self.consensus.stop()

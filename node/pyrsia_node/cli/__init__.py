@@ -10,14 +10,22 @@ import sys
 from collections.abc import Sequence
 
 from pyrsia_node import __version__
-from pyrsia_node.cli import genesis_cmd, log_cmd, node_cmd, operator_cmd, status_cmd, up_cmd
+from pyrsia_node.cli import (
+    build_cmd,
+    genesis_cmd,
+    log_cmd,
+    node_cmd,
+    operator_cmd,
+    status_cmd,
+    up_cmd,
+)
 from pyrsia_node.cli.errors import CliError
 from pyrsia_node.config import ConfigError
 from pyrsia_node.genesis import GenesisError
 from pyrsia_node.identity import IdentityError
 from pyrsia_node.tls import TlsError
 
-SUBCOMMANDS = (node_cmd, genesis_cmd, up_cmd, status_cmd, log_cmd, operator_cmd)
+SUBCOMMANDS = (node_cmd, genesis_cmd, up_cmd, status_cmd, build_cmd, log_cmd, operator_cmd)
 USER_ERRORS = (CliError, ConfigError, GenesisError, IdentityError, TlsError)
 
 

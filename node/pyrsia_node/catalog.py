@@ -1,0 +1,114 @@
+"""The registry's view of the transparency log: which images are committed.
+
+``LedgerCatalog`` implements ``registry.Catalog`` over committed docker artifact records.
+Each record carries the authorities' attestations; the image it describes (tag, root
+manifest or index, platform manifests, blobs) is rebuilt from its first attestation's
+in-toto statement. A tag resolves to the image of the latest committed record of its
+package id; a digest resolves when any committed record of that repository covers it.
+
+The index is held in memory and brought up to date by ``refresh`` (once at start, then from
+consensus' commit hook), which reads only the entries appended since the last refresh; a
+pull never scans the log.
+
+What it must never do: vouch for content no committed record covers, or read upstreams.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable, Sequence
+
+from pyrsia_node.attestation import AcquiredImage, AttestationError, parse_statement
+from pyrsia_node.ledger.log import TransparencyLog
+from pyrsia_node.ledger.records import ArtifactRecord, PackageType, RecordError, decode_record
+from pyrsia_node.registry import ImageCatalog, ManifestRef, RepositoryName
+
+log = logging.getLogger(__name__)
+
+
+class CatalogError(Exception):
+    """A committed artifact record does not describe an image the catalog can serve."""
+
+
+def record_image(record: ArtifactRecord) -> AcquiredImage:
+    """The image a committed docker record describes, from its first attestation.
+
+    Raises ``CatalogError`` when the statement cannot be read or names another package or
+    other artifacts than the record lists (consensus admits no such record; a log written
+    by anything else may hold one)."""
+    if record.package_type is not PackageType.DOCKER:
+        raise CatalogError(f"{record.package_id}: not a docker record")
+    try:
+        image = parse_statement(record.attestations[0].payload).image
+    except AttestationError as exc:
+        raise CatalogError(f"{record.package_id}: unreadable attestation: {exc}") from exc
+    if image.reference != record.package_id:
+        raise CatalogError(
+            f"{record.package_id}: its attestation describes {image.reference} instead"
+        )
+    if {a.digest for a in image.artifacts} != {a.digest for a in record.artifacts}:
+        raise CatalogError(f"{record.package_id}: its attestation lists other artifacts")
+    return image
+
+
+class LedgerCatalog:
+    """A ``registry.Catalog`` over the records of ``ledger``; call ``refresh`` after every
+    commit (and once at start). ``size`` is how many log entries are indexed."""
+
+    def __init__(self, ledger: TransparencyLog) -> None:
+        self._ledger = ledger
+        self._images = ImageCatalog()
+        self._lock = asyncio.Lock()
+        self._indexed = asyncio.Condition()
+        self.size = 0
+
+    async def refresh(self) -> None:
+        """Index the log entries appended since the last refresh, in log order.
+
+        Reading and decoding runs in a worker thread; the index changes only on the event
+        loop, so lookups never see it half-updated."""
+        async with self._lock:
+            start = self.size
+            images, end = await asyncio.to_thread(self._read_from, start)
+            for image in images:
+                self._images.add(image)
+            self.size = end
+        async with self._indexed:
+            self._indexed.notify_all()
+
+    async def wait_indexed(self, index: int) -> None:
+        """Return once log entry ``index`` is indexed (bound it with a timeout)."""
+        async with self._indexed:
+            await self._indexed.wait_for(lambda: self.size > index)
+
+    def _read_from(self, start: int) -> tuple[list[AcquiredImage], int]:
+        end = self._ledger.size
+        return images_of(self._ledger.entry(i) for i in range(start, end)), end
+
+    async def resolve(self, name: RepositoryName, reference: str) -> ManifestRef | None:
+        return await self._images.resolve(name, reference)
+
+    async def tags(self, name: RepositoryName) -> Sequence[str] | None:
+        return await self._images.tags(name)
+
+    async def has_blob(self, name: RepositoryName, digest: str) -> bool:
+        return await self._images.has_blob(name, digest)
+
+
+def images_of(records: Iterable[bytes]) -> list[AcquiredImage]:
+    """The images committed docker records describe, in order; other records are skipped."""
+    images = []
+    for data in records:
+        try:
+            record = decode_record(data)
+        except RecordError as exc:
+            log.warning("catalog: skipping an undecodable committed record: %s", exc)
+            continue
+        if not isinstance(record, ArtifactRecord):
+            continue
+        try:
+            images.append(record_image(record))
+        except CatalogError as exc:
+            log.warning("catalog: skipping a committed record: %s", exc)
+    return images

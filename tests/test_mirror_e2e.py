@@ -15,6 +15,8 @@ with what was pushed upstream.
 from __future__ import annotations
 
 import asyncio
+import base64
+import datetime as dt
 import hashlib
 import json
 import os
@@ -26,10 +28,11 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import grpc
 import oras.client
 import pytest
 import yaml
@@ -46,8 +49,13 @@ from oci_fixtures import (
     seeded_images,
     upstream_registry,
 )
+from pyrsia.v1 import consensus_pb2, consensus_pb2_grpc
+from pyrsia_node.attestation import attest, parse_statement
 from pyrsia_node.genesis import Upstream
+from pyrsia_node.identity import Identity
+from pyrsia_node.ledger.records import Artifact, ArtifactRecord, DsseEnvelope
 from pyrsia_node.localnet import LocalNetwork, Shape, fetch_json
+from pyrsia_node.tls import TARGET_NAME, NodeTls
 
 __all__ = ["seeded_images", "upstream_registry"]
 
@@ -325,3 +333,50 @@ def test_an_authority_whose_upstream_lies_is_outvoted_and_reported(
     result = skopeo_pull(mirror.host("peer-0"), "test/victim:1.0", out)
     assert result.returncode == 0, result.stderr
     assert set(read_layout_digests(out)) == set(victim.digests)
+
+
+def forgeries(committed: ArtifactRecord) -> dict[str, ArtifactRecord]:
+    """Records a malicious node could submit, each derived from a committed one."""
+    image = parse_statement(committed.attestations[0].payload).image
+    outsider = Identity.generate()
+    _, outsider_envelope = attest(image, "http://evil.test", dt.datetime.now(dt.UTC), outsider)
+    fake = Artifact("sha256:" + "0" * 64, 1, "application/octet-stream")
+    return {
+        "other artifacts": replace(committed, artifacts=(*committed.artifacts[:-1], fake)),
+        "two attestations": replace(committed, attestations=committed.attestations[:2]),
+        "an outsider's attestation": replace(
+            committed,
+            attestations=(
+                *committed.attestations[:2],
+                DsseEnvelope.from_json(outsider_envelope.to_json()),
+            ),
+        ),
+    }
+
+
+async def test_forged_and_under_attested_records_never_commit(mirror: Mirror) -> None:
+    node = mirror.http("peer-0")
+    [entry] = await asyncio.to_thread(log_records, node, "docker.io/test/multiarch:1.0")
+    committed = ArtifactRecord.decode(base64.b64decode(entry["record"]))
+    assert len(committed.attestations) >= 3
+    peer = mirror.network.node("peer-0")
+    credentials = NodeTls.load(
+        peer.data_dir / "keys", mirror.network.root.joinpath("ca", "ca.crt").read_bytes()
+    ).channel_credentials()
+    authority = mirror.network.node("authority-0").grpc_address
+    options = [("grpc.ssl_target_name_override", TARGET_NAME)]
+    async with grpc.aio.secure_channel(authority, credentials, options=options) as channel:
+        stub = consensus_pb2_grpc.ConsensusStub(channel)
+        for what, forged in forgeries(committed).items():
+            reply = await stub.SubmitRecord(
+                consensus_pb2.SubmitRecordRequest(record=forged.encode()), timeout=10
+            )
+            assert not reply.accepted, what
+            assert reply.reason, what
+    # Even offered straight to consensus by an authority's peers, none reaches any log.
+    await asyncio.sleep(1.0)
+    for name in ("authority-0", "authority-3", "peer-1"):
+        records = await asyncio.to_thread(
+            log_records, mirror.http(name), "docker.io/test/multiarch:1.0"
+        )
+        assert [r["record_hash"] for r in records] == [entry["record_hash"]], name

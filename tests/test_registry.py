@@ -38,6 +38,7 @@ from pyrsia_node.identity import Identity
 from pyrsia_node.registry import (
     BuildRejected,
     BuildRequest,
+    ContentUnavailable,
     ImageCatalog,
     Mode,
     RepositoryName,
@@ -495,5 +496,56 @@ async def test_serving_a_200_mib_blob_streams_without_buffering(
                     peak = max(peak, process.memory_info().rss)
         assert "sha256:" + hasher.hexdigest() == layer.digest
         assert peak - before < 32 << 20, f"RSS grew by {(peak - before) >> 20} MiB"
+    finally:
+        await runner.cleanup()
+
+
+async def test_committed_content_missing_here_is_fetched_before_it_is_served(
+    node: Node, tmp_path: Path
+) -> None:
+    image = node.images["test/multilayer"]
+    fetched: list[str] = []
+    empty = BlobStore(tmp_path / "empty")
+
+    async def fetch(digest: str) -> None:
+        fetched.append(digest)
+        await empty.put_bytes(digest, await node.store.read(digest))
+
+    app = web.Application()
+    app.add_routes(routes(node.catalog, empty, default_registry=node.upstream, fetch=fetch))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    base = f"http://127.0.0.1:{port}/v2/test/multilayer"
+    try:
+        async with await node.session.get(f"{base}/manifests/1.0") as response:
+            assert response.status == 200
+            assert digest_of(await response.read()) == image.root.digest
+        layer = image.blobs[-1].digest
+        async with await node.session.get(f"{base}/blobs/{layer}") as response:
+            assert response.status == 200
+            assert digest_of(await response.read()) == layer
+        assert fetched == [image.root.digest, layer]
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_failed_fetch_of_committed_content_is_reported(node: Node, tmp_path: Path) -> None:
+    async def fetch(digest: str) -> None:
+        raise ContentUnavailable("no provider answered")
+
+    store = BlobStore(tmp_path / "empty")
+    app = web.Application()
+    app.add_routes(routes(node.catalog, store, default_registry=node.upstream, fetch=fetch))
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    try:
+        url = f"http://127.0.0.1:{port}/v2/test/multilayer/manifests/1.0"
+        async with await node.session.get(url) as response:
+            message = await assert_error(response, 404, "MANIFEST_UNKNOWN")
+            assert "could not be fetched from the network: no provider answered" in message
     finally:
         await runner.cleanup()

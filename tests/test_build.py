@@ -1,0 +1,280 @@
+"""Builds without a network: the record rule consensus applies, the coordinator's decision
+with authorities simulated by real signed attestations, ids and status encoding."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Awaitable, Callable
+from dataclasses import replace
+
+import grpc
+import pytest
+from pyrsia_node.attestation import AcquiredImage, Artifact, Envelope, attest
+from pyrsia_node.build import (
+    BuildClient,
+    BuildCoordinator,
+    BuildError,
+    BuildStatus,
+    InvalidArtifactRecord,
+    UnknownBuild,
+    artifact_record,
+    check_artifact_record,
+    image_package_id,
+    record_validator,
+    split_package_id,
+)
+from pyrsia_node.consensus.mempool import RecordRejected
+from pyrsia_node.genesis import Authority
+from pyrsia_node.identity import Identity
+from pyrsia_node.ledger.records import (
+    ArtifactRecord,
+    GovernanceAction,
+    GovernanceRecord,
+    PackageType,
+    record_hash,
+)
+
+NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
+
+
+def digest(n: int) -> str:
+    return f"sha256:{n:064x}"
+
+
+def image(tag: str = "1.0", layer: int = 3) -> AcquiredImage:
+    return AcquiredImage(
+        registry="docker.io",
+        repository="library/alpine",
+        tag=tag,
+        root=Artifact(digest(9), 500, "application/vnd.oci.image.index.v1+json"),
+        manifests=(
+            Artifact(digest(8), 400, "application/vnd.oci.image.manifest.v1+json"),
+            Artifact(digest(7), 400, "application/vnd.oci.image.manifest.v1+json"),
+        ),
+        blobs=(
+            Artifact(digest(1), 10, "application/vnd.oci.image.config.v1+json"),
+            Artifact(digest(layer), 1000, "application/vnd.oci.image.layer.v1.tar+gzip"),
+        ),
+    )
+
+
+@pytest.fixture(scope="module")
+def keys() -> list[Identity]:
+    return [Identity.generate() for _ in range(4)]
+
+
+def validators(keys: list[Identity]) -> dict[str, bytes]:
+    return {k.node_id: k.public_key for k in keys}
+
+
+def envelope(key: Identity, seen: AcquiredImage) -> Envelope:
+    return attest(seen, "http://upstream.test/v2/", NOW, key)[1]
+
+
+def test_a_record_attested_by_the_threshold_is_valid(keys: list[Identity]) -> None:
+    record = artifact_record(image(), [envelope(k, image()) for k in keys[:3]])
+    assert check_artifact_record(record, validators(keys), 3) == image()
+    assert record.package_type is PackageType.DOCKER
+    assert record.package_id == "docker.io/library/alpine:1.0"
+    assert [a.digest for a in record.artifacts] == [digest(n) for n in (9, 7, 8, 1, 3)]
+    assert [e.signatures[0][0] for e in record.attestations] == sorted(k.node_id for k in keys[:3])
+
+
+def test_an_under_attested_record_is_invalid(keys: list[Identity]) -> None:
+    record = artifact_record(image(), [envelope(k, image()) for k in keys[:2]])
+    with pytest.raises(InvalidArtifactRecord, match="2 matching attestation"):
+        check_artifact_record(record, validators(keys), 3)
+
+
+def test_an_outsiders_attestation_makes_a_record_invalid(keys: list[Identity]) -> None:
+    outsider = Identity.generate()
+    record = artifact_record(
+        image(), [*(envelope(k, image()) for k in keys[:3]), envelope(outsider, image())]
+    )
+    with pytest.raises(InvalidArtifactRecord, match="not an authority"):
+        check_artifact_record(record, validators(keys), 3)
+
+
+def test_a_dissenting_attestation_inside_a_record_makes_it_invalid(keys: list[Identity]) -> None:
+    envelopes = [*(envelope(k, image()) for k in keys[:3]), envelope(keys[3], image(layer=4))]
+    with pytest.raises(InvalidArtifactRecord, match="saw"):
+        check_artifact_record(artifact_record(image(), envelopes), validators(keys), 3)
+
+
+def test_a_record_listing_other_artifacts_than_attested_is_invalid(keys: list[Identity]) -> None:
+    record = artifact_record(image(), [envelope(k, image()) for k in keys[:3]])
+    forged = replace(record, artifacts=record.artifacts[:-1])
+    with pytest.raises(InvalidArtifactRecord, match="artifacts differ"):
+        check_artifact_record(forged, validators(keys), 3)
+    renamed = replace(record, package_id="docker.io/library/alpine:2.0")
+    with pytest.raises(InvalidArtifactRecord, match="attestations are for"):
+        check_artifact_record(renamed, validators(keys), 3)
+
+
+def test_the_validator_admits_governance_and_attested_records_only(keys: list[Identity]) -> None:
+    valid = record_validator(lambda: validators(keys), lambda n: 3)
+    governance = GovernanceRecord.create(
+        Identity.generate(), "chain", 1, GovernanceAction.ADD, "authority-9",
+        Identity.generate().public_key, "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3",
+    )  # fmt: skip
+    attested = artifact_record(image(), [envelope(k, image()) for k in keys[:3]])
+    under = artifact_record(image(), [envelope(k, image()) for k in keys[:2]])
+    assert valid(governance.encode())
+    assert valid(attested.encode())
+    assert not valid(under.encode())
+    assert not valid(b"\x01\x01garbage")
+
+
+def test_package_ids_are_normalised_and_digests_refused() -> None:
+    assert image_package_id("alpine") == "docker.io/library/alpine:latest"
+    assert split_package_id("docker.io/test/x:1.0") == ("docker.io", "test/x", "1.0")
+    with pytest.raises(BuildError, match="names a digest"):
+        image_package_id(f"alpine@{digest(1)}")
+    with pytest.raises(BuildError, match="normalised"):
+        split_package_id("alpine:1")
+
+
+def test_build_status_survives_the_wire() -> None:
+    status = BuildStatus("ab" * 8 + "-01", "done", "ok", "docker.io/a/b:1", digest(1), 7, ("x",))
+    assert BuildStatus.from_pb(status.to_pb()) == status
+    assert status.to_dict()["ledger_index"] == 7
+
+
+Acquire = Callable[[Authority, str], Awaitable[Envelope]]
+
+
+def authorities(keys: list[Identity]) -> list[Authority]:
+    return [
+        Authority(f"authority-{i}", k.public_key, f"127.0.0.1:{1000 + i}", "")
+        for i, k in enumerate(keys)
+    ]
+
+
+def coordinator(
+    keys: list[Identity], acquire: Acquire, ledger: dict[bytes, int], submitted: list[bytes]
+) -> BuildCoordinator:
+    def submit(record: bytes) -> bool:
+        if not record_validator(lambda: validators(keys), lambda n: 3)(record):
+            raise RecordRejected("record is not a canonical ledger record")
+        submitted.append(record)
+        ledger[record_hash(record)] = len(ledger)
+        return True
+
+    async def committed_index(key: bytes) -> int | None:
+        return ledger.get(key)
+
+    return BuildCoordinator(
+        keys[0].node_id,
+        lambda: authorities(keys),
+        lambda n: 3,
+        acquire,
+        submit,
+        committed_index,
+        acquire_timeout=1.0,
+        commit_timeout=1.0,
+        poll_interval=0.01,
+    )
+
+
+async def finished(builds: BuildCoordinator, build_id: str) -> BuildStatus:
+    async with asyncio.timeout(5):
+        while True:
+            status = builds.status(build_id)
+            if status.finished:
+                return status
+            await asyncio.sleep(0.01)
+
+
+async def test_a_build_commits_what_three_agree_on_and_reports_the_dissent(
+    keys: list[Identity],
+) -> None:
+    by_key = {k.node_id: k for k in keys}
+
+    async def acquire(authority: Authority, package_id: str) -> Envelope:
+        seen = image(layer=4) if authority.name == "authority-3" else image()
+        return envelope(by_key[authority.node_id], seen)
+
+    ledger: dict[bytes, int] = {}
+    submitted: list[bytes] = []
+    builds = coordinator(keys, acquire, ledger, submitted)
+    status = await finished(builds, builds.request("docker.io/library/alpine:1.0"))
+    assert status.state == "done", status.message
+    assert status.manifest_digest == digest(9)
+    assert status.ledger_index == 0
+    [mismatch] = status.mismatches
+    assert keys[3].node_id in mismatch
+    [record] = submitted
+    signers = {e.keyid for e in check_artifact_record_envelopes(record, keys)}
+    assert signers == {k.node_id for k in keys[:3]}
+
+
+def check_artifact_record_envelopes(record: bytes, keys: list[Identity]) -> list[Envelope]:
+    decoded = ArtifactRecord.decode(record)
+    check_artifact_record(decoded, validators(keys), 3)
+    return [Envelope.from_json(e.to_json()) for e in decoded.attestations]
+
+
+async def test_a_build_without_enough_agreement_fails_with_every_reason(
+    keys: list[Identity],
+) -> None:
+    by_key = {k.node_id: k for k in keys}
+
+    async def acquire(authority: Authority, package_id: str) -> Envelope:
+        if authority.name == "authority-1":
+            await asyncio.sleep(5)
+        if authority.name == "authority-2":
+            raise BuildError("registry 'docker.io' is not an upstream")
+        return envelope(by_key[authority.node_id], image())
+
+    submitted: list[bytes] = []
+    builds = coordinator(keys, acquire, {}, submitted)
+    status = await finished(builds, builds.request("docker.io/library/alpine:1.0"))
+    assert status.state == "failed"
+    assert "2 matching attestation(s), 3 required" in status.message
+    assert "authority-1" in status.message and "did not attest within 1s" in status.message
+    assert "authority-2" in status.message and "not an upstream" in status.message
+    assert len(status.mismatches) == 2
+    assert submitted == []
+
+
+async def test_concurrent_requests_for_one_package_share_one_build(
+    keys: list[Identity],
+) -> None:
+    release = asyncio.Event()
+    calls: list[str] = []
+    by_key = {k.node_id: k for k in keys}
+
+    async def acquire(authority: Authority, package_id: str) -> Envelope:
+        calls.append(authority.name)
+        await release.wait()
+        return envelope(by_key[authority.node_id], image())
+
+    builds = coordinator(keys, acquire, {}, [])
+    first = builds.request("docker.io/library/alpine:1.0")
+    assert builds.request("docker.io/library/alpine:1.0") == first
+    assert builds.request("docker.io/library/alpine:2.0") != first
+    release.set()
+    assert (await finished(builds, first)).state == "done"
+    await builds.close()
+    assert calls.count("authority-0") == 2  # one per package, not per request
+
+
+def no_network(address: str) -> grpc.aio.Channel:
+    pytest.fail(f"the owning authority answers locally, yet {address} was dialled")
+
+
+async def test_build_ids_name_their_authority(keys: list[Identity]) -> None:
+    async def acquire(authority: Authority, package_id: str) -> Envelope:
+        raise BuildError("unused")
+
+    builds = coordinator(keys, acquire, {}, [])
+    client = BuildClient(lambda: authorities(keys), no_network, builds)
+    build_id = await client.request("docker.io/library/alpine:1.0")
+    assert build_id.startswith(keys[0].node_id[:16] + "-")
+    assert (await client.status(build_id)).package_id == "docker.io/library/alpine:1.0"
+    with pytest.raises(UnknownBuild, match="not a build id"):
+        await client.status("nonsense")
+    with pytest.raises(UnknownBuild, match="no build"):
+        await client.status(keys[0].node_id[:16] + "-00")
+    await builds.close()

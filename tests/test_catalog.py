@@ -1,0 +1,106 @@
+"""The ledger-backed catalog over a real transparency log on disk."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import re
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+from pyrsia_node.attestation import AcquiredImage, Artifact, attest
+from pyrsia_node.build import artifact_record
+from pyrsia_node.catalog import CatalogError, LedgerCatalog, record_image
+from pyrsia_node.identity import Identity
+from pyrsia_node.ledger import TransparencyLog
+from pyrsia_node.ledger.records import ArtifactRecord, GovernanceAction, GovernanceRecord
+from pyrsia_node.registry import RepositoryName
+
+NOW = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
+ALPINE = RepositoryName("docker.io", "library/alpine")
+
+
+def digest(n: int) -> str:
+    return f"sha256:{n:064x}"
+
+
+def image(tag: str, root: int, layer: int, repository: str = "library/alpine") -> AcquiredImage:
+    return AcquiredImage(
+        "docker.io",
+        repository,
+        tag,
+        Artifact(digest(root), 300, "application/vnd.oci.image.manifest.v1+json"),
+        (),
+        (
+            Artifact(digest(1), 10, "application/vnd.oci.image.config.v1+json"),
+            Artifact(digest(layer), 99, "application/vnd.oci.image.layer.v1.tar+gzip"),
+        ),
+    )
+
+
+def record_bytes(seen: AcquiredImage) -> bytes:
+    keys = [Identity.generate() for _ in range(3)]
+    envelopes = [attest(seen, "http://upstream.test/", NOW, k)[1] for k in keys]
+    return artifact_record(seen, envelopes).encode()
+
+
+@pytest.fixture
+def ledger(tmp_path: Path) -> TransparencyLog:
+    return TransparencyLog(tmp_path / "ledger")
+
+
+async def test_a_committed_tag_resolves_with_its_blobs(ledger: TransparencyLog) -> None:
+    ledger.append([record_bytes(image("1.0", root=100, layer=2))])
+    catalog = LedgerCatalog(ledger)
+    await catalog.refresh()
+    ref = await catalog.resolve(ALPINE, "1.0")
+    assert ref is not None and ref.digest == digest(100) and ref.size == 300
+    assert await catalog.resolve(ALPINE, digest(100)) == ref
+    assert await catalog.has_blob(ALPINE, digest(2))
+    assert await catalog.tags(ALPINE) == ["1.0"]
+    assert await catalog.resolve(ALPINE, "2.0") is None
+    other = RepositoryName("docker.io", "library/busybox")
+    assert not await catalog.has_blob(other, digest(2))
+    assert await catalog.tags(other) is None
+
+
+async def test_a_later_commit_moves_the_tag_and_old_digests_stay(ledger: TransparencyLog) -> None:
+    catalog = LedgerCatalog(ledger)
+    ledger.append([record_bytes(image("1.0", root=100, layer=2))])
+    await catalog.refresh()
+    ledger.append([record_bytes(image("1.0", root=101, layer=3))])
+    await catalog.refresh()
+    ref = await catalog.resolve(ALPINE, "1.0")
+    assert ref is not None and ref.digest == digest(101)
+    assert await catalog.resolve(ALPINE, digest(100)) is not None
+    assert await catalog.has_blob(ALPINE, digest(2))
+    assert catalog.size == 2
+
+
+async def test_governance_and_unreadable_records_are_skipped(ledger: TransparencyLog) -> None:
+    governance = GovernanceRecord.create(
+        Identity.generate(), "chain", 1, GovernanceAction.ADD, "authority-9",
+        Identity.generate().public_key, "127.0.0.1:1", "127.0.0.1:2", "127.0.0.1:3",
+    )  # fmt: skip
+    good = image("1.0", root=100, layer=2)
+    lying = ArtifactRecord.decode(record_bytes(good))
+    lying = replace(lying, package_id="docker.io/library/alpine:9.9")
+    ledger.append([governance.encode(), lying.encode(), record_bytes(good)])
+    catalog = LedgerCatalog(ledger)
+    await catalog.refresh()
+    assert catalog.size == 3
+    assert await catalog.tags(ALPINE) == ["1.0"]
+    with pytest.raises(CatalogError, match=re.escape("describes docker.io/library/alpine:1.0")):
+        record_image(lying)
+
+
+async def test_wait_indexed_returns_once_the_entry_is_indexed(ledger: TransparencyLog) -> None:
+    catalog = LedgerCatalog(ledger)
+    await catalog.refresh()
+    waiter = asyncio.create_task(catalog.wait_indexed(0))
+    await asyncio.sleep(0.05)
+    assert not waiter.done()
+    ledger.append([record_bytes(image("1.0", root=100, layer=2))])
+    await catalog.refresh()
+    await asyncio.wait_for(waiter, 1)

@@ -38,7 +38,7 @@ import hashlib
 import heapq
 import random
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
@@ -142,6 +142,9 @@ class Schedule:
     crashes: bool
     wipes: bool
     records: int
+    empty_block: float
+    commit_pause: float
+    late_records: int
 
     @classmethod
     def from_seed(cls, seed: int) -> Schedule:
@@ -163,6 +166,9 @@ class Schedule:
             crashes=rng.random() < 0.5,
             wipes=wipes,
             records=rng.randint(0, 12),
+            empty_block=rng.choice((0.0, 0.5, 2.0, 5.0)),
+            commit_pause=rng.choice((0.0, 0.0, 0.1)),
+            late_records=rng.choice((0, 0, 1, 3)),
         )
 
 
@@ -218,6 +224,7 @@ class Simulation:
         self.canonical_states: list[ChainState] = [self.canonical_chain]
         self.canonical_tree = MemoryTree()
         self.canonical_sizes: list[int] = []
+        self.commit_times: list[float] = []  # when each canonical block was first committed
         self.signed: dict[tuple[bytes, int, int, MessageKind], bytes] = {}
         self.equivocations = 0
         self.restarts = 0
@@ -236,7 +243,15 @@ class Simulation:
         for block, _ in node.ledger:
             chain = chain.after(block, governance_change)
         return ConsensusCore(
-            ConsensusConfig(CHAIN_ID, timeouts=TIMEOUTS, max_block_records=4),
+            ConsensusConfig(
+                CHAIN_ID,
+                timeouts=replace(
+                    TIMEOUTS,
+                    empty_block=self.schedule.empty_block,
+                    commit=self.schedule.commit_pause,
+                ),
+                max_block_records=4,
+            ),
             node.identity,
             chain,
             clock=lambda: self.now,
@@ -286,6 +301,8 @@ class Simulation:
                 t += self.rng.uniform(0.3, 2.0)
                 self._push(t, "crash", None)
         self._push(s.chaos_time, "heal", None)
+        for _ in range(s.late_records):
+            self._push(s.chaos_time + self.rng.uniform(0, 2 * s.empty_block + 1), "record", None)
         deadline = s.chaos_time + LIVENESS_TIME
         target: int | None = None
         while self._queue:
@@ -512,6 +529,7 @@ class Simulation:
             for record in block.records:
                 self.canonical_tree.append(leaf_hash(record))
             self.canonical_sizes.append(self.canonical_tree.size)
+            self.commit_times.append(self.now)
         validators = self.canonical_states[height - 1].validators
         try:
             verify_commit_certificate(block, cert, validators, self.verifier)

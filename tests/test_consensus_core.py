@@ -56,9 +56,13 @@ OUTSIDER = KEYS[4]
 PERSISTED: dict[int, set[bytes]] = {}
 
 
-def make_core(index: int, **kwargs: object) -> ConsensusCore:
+# The algorithm tests start round 0 at once; the empty-block wait has tests of its own.
+START_AT_ONCE = Timeouts(empty_block=0.0)
+
+
+def make_core(index: int, config: ConsensusConfig | None = None, **kwargs: object) -> ConsensusCore:
     core = ConsensusCore(
-        ConsensusConfig(CHAIN),
+        config or ConsensusConfig(CHAIN, timeouts=START_AT_ONCE),
         KEYS[index],
         ChainState.genesis(VALIDATORS),
         clock=lambda: 0.0,
@@ -685,3 +689,98 @@ def test_restart_keeps_the_proof_of_lock_and_relays_it() -> None:
     actions = step(restarted, TimeoutFired(Timeout(TimeoutKind.RETRANSMIT, 1, 0)))
     relayed = {a.message for a in actions if isinstance(a, Broadcast)}
     assert set(state.proof_of_lock) <= relayed
+
+
+# Empty blocks -------------------------------------------------------------------------
+
+WAIT_FOR_RECORDS = ConsensusConfig(CHAIN, timeouts=Timeouts(empty_block=5.0))
+
+
+def proposals_in(actions: list[Action]) -> list[Proposal]:
+    return [
+        a.message for a in actions if isinstance(a, Broadcast) and isinstance(a.message, Proposal)
+    ]
+
+
+def test_with_nothing_pending_a_height_waits_for_records_before_round_0() -> None:
+    core = make_core(1, WAIT_FOR_RECORDS)  # the proposer of (1, 0)
+    actions = step(core)
+    assert core.step is Step.NEW_HEIGHT
+    assert proposals_in(actions) == []
+    assert ScheduleTimeout(Timeout(TimeoutKind.EMPTY_BLOCK, 1, 0), 5.0) in actions
+
+
+def test_a_record_ends_the_wait_and_the_proposer_proposes_it() -> None:
+    core = make_core(1, WAIT_FOR_RECORDS)
+    step(core)
+    actions = step(core, RecordSubmitted(b"r1"))
+    assert [p.block.records for p in proposals_in(actions)] == [(b"r1",)]
+
+
+def test_the_empty_block_timeout_starts_round_0_with_an_empty_block() -> None:
+    core = make_core(1, WAIT_FOR_RECORDS)
+    step(core)
+    actions = step(core, TimeoutFired(Timeout(TimeoutKind.EMPTY_BLOCK, 1, 0)))
+    assert [p.block.records for p in proposals_in(actions)] == [()]
+
+
+def test_a_waiting_validator_joins_round_0_on_a_proposal() -> None:
+    core = make_core(0, WAIT_FOR_RECORDS)
+    step(core)
+    b = block(())
+    actions = feed(core, proposal(b, 0))
+    assert core.step is Step.PREVOTE
+    assert [v.block_hash for v in votes_of(actions, core, VoteType.PREVOTE)] == [b.hash]
+
+
+def test_a_waiting_validator_joins_round_0_when_f_plus_1_validators_are_in_it() -> None:
+    core = make_core(0, WAIT_FOR_RECORDS)
+    step(core)
+    feed(core, vote(2, VoteType.PREVOTE, 0, None))
+    assert core.step is Step.NEW_HEIGHT
+    feed(core, vote(3, VoteType.PREVOTE, 0, None))
+    assert core.step is Step.PROPOSE
+    assert core.round == 0
+
+
+def test_the_commit_pause_comes_before_the_wait_for_records() -> None:
+    config = ConsensusConfig(CHAIN, timeouts=Timeouts(commit=1.0, empty_block=5.0))
+    core = make_core(1, config)
+    actions = step(core)
+    assert ScheduleTimeout(Timeout(TimeoutKind.NEW_HEIGHT, 1, 0), 1.0) in actions
+    actions = step(core, TimeoutFired(Timeout(TimeoutKind.NEW_HEIGHT, 1, 0)))
+    assert ScheduleTimeout(Timeout(TimeoutKind.EMPTY_BLOCK, 1, 0), 4.0) in actions
+    assert core.step is Step.NEW_HEIGHT
+
+
+def lone_core(config: ConsensusConfig) -> ConsensusCore:
+    core = ConsensusCore(
+        config, KEYS[0], ChainState.genesis(ValidatorSet((KEYS[0].public_key,))), clock=lambda: 0.0
+    )
+    PERSISTED[id(core)] = set()
+    return core
+
+
+def test_a_lone_validator_commits_what_is_pending_and_then_waits() -> None:
+    config = ConsensusConfig(CHAIN, timeouts=Timeouts(empty_block=5.0), max_block_records=2)
+    core = lone_core(config)
+    assert [a for a in step(core) if isinstance(a, Commit)] == []
+    records = [RecordSubmitted(f"r{i}".encode()) for i in range(5)]
+    actions: list[Action] = []
+    for record in records:
+        actions = step(core, record)
+        assert len([a for a in actions if isinstance(a, Commit)]) == 1
+    # Each record commits as it arrives, and the call returns with nothing pending.
+    assert core.height == 6
+    assert core.step is Step.NEW_HEIGHT
+    assert ScheduleTimeout(Timeout(TimeoutKind.EMPTY_BLOCK, 6, 0), 5.0) in actions
+
+
+def test_default_timeouts_let_a_lone_validator_rest_between_empty_blocks() -> None:
+    core = lone_core(ConsensusConfig(CHAIN))
+    actions = step(core)
+    assert core.step is Step.NEW_HEIGHT
+    assert not any(isinstance(a, Commit) for a in actions)
+    actions = step(core, TimeoutFired(Timeout(TimeoutKind.EMPTY_BLOCK, 1, 0)))
+    assert [a.block.records for a in actions if isinstance(a, Commit)] == [()]
+    assert core.height == 2 and core.step is Step.NEW_HEIGHT

@@ -13,6 +13,7 @@ can fail.
 from __future__ import annotations
 
 import os
+from itertools import pairwise
 
 import pytest
 from consensus_sim import (
@@ -94,6 +95,8 @@ def test_removed_authority_leaves_the_validator_set() -> None:
         removed_at = next(
             b.height for b in simulation.canonical if any(r.endswith(removed) for r in b.records)
         )
+        if len(simulation.canonical_states) < removed_at + 2:
+            continue  # the run ended before the change came into force at H + 2
         assert removed in simulation.canonical_states[removed_at].validators  # at H + 1
         assert removed not in simulation.canonical_states[removed_at + 1].validators  # H + 2
         return
@@ -146,3 +149,45 @@ def test_checker_rejects_a_second_signature_for_one_slot() -> None:
     simulation._check_signed_once(node, first)
     with pytest.raises(SimulationFailure, match=f"signed twice.*{MessageKind.PREVOTE.name}"):
         simulation._check_signed_once(node, second)
+
+
+def idle_schedule(empty_block: float, records: int = 0) -> Schedule:
+    """Four honest validators, no faults at all, `records` records."""
+    return Schedule(
+        seed=7,
+        validators=4,
+        twins=False,
+        extra_node=False,
+        removal=False,
+        chaos_time=20.0,
+        drop=0.0,
+        duplicate=0.0,
+        partitions=False,
+        crashes=False,
+        wipes=False,
+        records=records,
+        empty_block=empty_block,
+        commit_pause=0.0,
+        late_records=0,
+    )
+
+
+def test_an_idle_network_commits_one_empty_block_per_empty_block_timeout() -> None:
+    simulation = Simulation(idle_schedule(empty_block=2.0))
+    simulation.run()
+    # 20 s of chaos phase (here: no faults) plus the two liveness blocks: about 11 blocks,
+    # each after a 2 s wait. Without the wait it would be thousands.
+    times = simulation.commit_times
+    assert 9 <= len(times) <= 12
+    assert all(later - earlier >= 2.0 for earlier, later in pairwise(times))
+    assert all(not block.records for block in simulation.canonical)
+
+
+def test_records_end_the_wait_and_no_empty_block_is_committed_before_it_ends() -> None:
+    simulation = Simulation(idle_schedule(empty_block=1000.0, records=5))
+    # Once the five records are in, nothing is pending and the wait outlasts the run.
+    with pytest.raises(SimulationFailure, match="no liveness after healing"):
+        simulation.run()
+    committed = [record for block in simulation.canonical for record in block.records]
+    assert len(committed) == 5
+    assert all(block.records for block in simulation.canonical)

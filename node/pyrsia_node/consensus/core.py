@@ -34,6 +34,13 @@ Invariants the core maintains, each checked by tests/test_consensus*.py:
 * Validator sets come from `ChainState`: a governance record committed at H changes the set
   from H + 2, decoded by the injected `validator_set_change`.
 
+* No endless empty blocks: a height with nothing pending waits in NEW_HEIGHT (after the
+  `Timeouts.commit` pause) until a record arrives, a round-0 proposal or f+1 validators'
+  round-0 messages show that the others have started, or `Timeouts.empty_block` passes.
+  Starting round 0 later is only a delay, so safety is untouched; liveness holds because
+  the timer always ends the wait. A lone validator therefore commits inside one `handle`
+  call only while records are pending, each block taking at least one of them.
+
 Messages for the next height are buffered (bounded) and replayed when the node gets there;
 older heights are dropped; any message from a higher height triggers a paced `RequestSync`.
 Own messages, the prevotes that justify validValue (the proof of lock) and others' votes of
@@ -96,6 +103,7 @@ class TimeoutKind(enum.IntEnum):
     PRECOMMIT = 3
     NEW_HEIGHT = 4
     RETRANSMIT = 5
+    EMPTY_BLOCK = 6
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,13 +115,22 @@ class Timeout:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    """Seconds; the three protocol timeouts grow linearly with the round."""
+    """Seconds; the three protocol timeouts grow linearly with the round.
+
+    `commit`: pause after a commit before the next height starts (0: at once).
+    `empty_block`: at a new height with no pending record, how long (from the commit) to
+    wait for one before starting round 0 anyway, which commits an empty block; a record,
+    a round-0 proposal or f+1 validators in round 0 end the wait early. It is what keeps
+    an idle network from committing empty blocks back to back, and a lone validator from
+    looping forever inside one `handle` call.
+    """
 
     propose: float = 1.0
     prevote: float = 1.0
     precommit: float = 1.0
     delta: float = 0.5
     commit: float = 0.0
+    empty_block: float = 5.0
     retransmit: float = 1.0
     sync_interval: float = 1.0
 
@@ -402,6 +419,7 @@ class ConsensusCore:
         self._height = self._chain.height
         self._round = 0
         self._step = Step.NEW_HEIGHT
+        self._awaiting_records = False
         self._locked_round = -1
         self._locked_block: Block | None = None
         self._valid_round = -1
@@ -423,12 +441,14 @@ class ConsensusCore:
         self._block_validity: dict[bytes, bool] = {}
 
     def _enter_height(self) -> None:
-        """Start the current height: after `Timeouts.commit`, or at once."""
+        """Start the current height: after `Timeouts.commit` (or at once), and then only
+        once a record is pending or `Timeouts.empty_block` has passed."""
+        self._awaiting_records = False
         delay = self.config.timeouts.commit
         if delay > 0:
             self._schedule(Timeout(TimeoutKind.NEW_HEIGHT, self._height, 0), delay)
         else:
-            self._start_round(0)
+            self._start_round_0_or_await_records()
         future, self._future = self._future, []
         for message, via in future:
             self._on_message(message, via)
@@ -451,9 +471,26 @@ class ConsensusCore:
         elif self._step is Step.PROPOSE:
             self._propose_or_wait()
 
+    def _start_round_0_or_await_records(self) -> None:
+        timeouts = self.config.timeouts
+        wait = timeouts.empty_block - timeouts.commit
+        if self._pending or self._valid_block is not None or wait <= 0:
+            self._start_round(0)
+            return
+        self._awaiting_records = True
+        self._schedule(Timeout(TimeoutKind.EMPTY_BLOCK, self._height, 0), wait)
+
+    def _others_started_round_0(self) -> bool:
+        """A round-0 proposal, or f+1 validators' messages from round 0: the network has
+        started this height, so waiting for records any longer only delays it."""
+        return bool(self._proposals.get(0)) or (
+            len(self._round_senders.get(0, ())) >= self._chain.validators.skip_threshold
+        )
+
     # State transitions (Algorithm 1) --------------------------------------------------
 
     def _start_round(self, round_: int) -> None:
+        self._awaiting_records = False
         self._round = round_
         self._step = Step.PROPOSE
         self._dirty = True
@@ -567,6 +604,9 @@ class ConsensusCore:
                     self._decide(candidate.block, self._certificate(round_, block_hash))
                     return True
         if self._step is Step.NEW_HEIGHT:
+            if self._awaiting_records and (self._pending or self._others_started_round_0()):
+                self._start_round(0)
+                return True
             return self._skip_round_if_behind()
         proposals = self._proposals.get(r, {})
         proposal = next(iter(proposals.values()), None)
@@ -673,7 +713,11 @@ class ConsensusCore:
         if h != self._height:
             return
         if kind is TimeoutKind.NEW_HEIGHT:
-            if self._step is Step.NEW_HEIGHT:
+            if self._step is Step.NEW_HEIGHT and not self._awaiting_records:
+                self._start_round_0_or_await_records()
+            return
+        if kind is TimeoutKind.EMPTY_BLOCK:
+            if self._step is Step.NEW_HEIGHT and self._awaiting_records:
                 self._start_round(0)
             return
         if r != self._round:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Protocol
 
 import grpc
+from prometheus_client import CollectorRegistry
 from pyrsia.v1 import consensus_pb2 as pb
 from pyrsia.v1 import consensus_pb2_grpc as pb_grpc
 
@@ -58,6 +59,7 @@ from pyrsia_node.consensus.core import (
 from pyrsia_node.consensus.governance import governance_decoder, governance_record
 from pyrsia_node.consensus.mempool import Mempool, MempoolLimits, RecordRejected
 from pyrsia_node.consensus.messages import Block, CommitCertificate, Proposal
+from pyrsia_node.consensus.metrics import ConsensusMetrics
 from pyrsia_node.consensus.validators import ValidatorSet
 from pyrsia_node.consensus.wal import Step, WalState, WriteAheadFile
 from pyrsia_node.consensus.wire import (
@@ -243,6 +245,7 @@ class ConsensusService:
         mempool_limits: MempoolLimits | None = None,
         record_valid: Callable[[bytes], bool] | None = None,
         on_commit: Callable[[Block, CommitCertificate], None] | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
         self.identity = identity
         self.genesis = genesis
@@ -271,6 +274,9 @@ class ConsensusService:
         self._cosignatures: dict[int, list[tuple[bytes, NoteSignature]]] = {}
         self.equivocations = 0
         self._on_commit = on_commit
+        self.metrics = ConsensusMetrics(registry or CollectorRegistry(), self.mempool.__len__)
+        # Records submitted to this node (not gossiped to it) -> when: for commit latency.
+        self._submitted_at: dict[bytes, float] = {}
 
     # Wiring -----------------------------------------------------------------------------
 
@@ -348,6 +354,7 @@ class ConsensusService:
                 "has caught up past every height it may have signed at",
                 self.directory,
             )
+        self.metrics.height.set(self._blocks.height)
         self._update_transport()
         self._tasks.append(asyncio.create_task(self._run(), name="consensus-core"))
         if not self.is_validator():
@@ -376,6 +383,7 @@ class ConsensusService:
         include it."""
         if not self._admit(record):
             return False
+        self._submitted_at[record] = self._clock()
         self.transport.broadcast(pb.ConsensusEnvelope(record=record))
         return True
 
@@ -439,7 +447,9 @@ class ConsensusService:
         while True:
             event = await self._events.get()
             core = self.core
+            height, round_ = core.height, core.round
             actions = core.start() if event is _START else core.handle(event)
+            self._count_round_changes(height, round_)
             try:
                 await self._execute(actions)
             except Exception:
@@ -448,6 +458,16 @@ class ConsensusService:
                     "consensus stopped at height %d: an action failed", core.height, exc_info=True
                 )
                 raise
+
+    def _count_round_changes(self, height: int, round_: int) -> None:
+        core = self.core
+        metrics = self.metrics
+        if core.height == height:
+            if core.round > round_:
+                metrics.round_changes.inc(core.round - round_)
+        elif core.round > 0:
+            metrics.round_changes.inc(core.round)
+        metrics.round.set(core.round)
 
     async def _execute(self, actions: list[Action]) -> None:
         loop = asyncio.get_running_loop()
@@ -467,6 +487,7 @@ class ConsensusService:
                     )
             elif isinstance(action, EquivocationFound):
                 self.equivocations += 1
+                self.metrics.equivocations.inc()
                 first = action.first
                 log.warning(
                     "consensus: equivocation by %s at height %d round %d",
@@ -488,6 +509,7 @@ class ConsensusService:
     async def _commit(self, block: Block, cert: CommitCertificate) -> None:
         await asyncio.to_thread(self._persist_commit, block, cert)
         self.mempool.committed(block.records)
+        self._observe_commit(block)
         if self._on_commit is not None:
             self._on_commit(block, cert)
         self._learn_authorities(block)
@@ -502,6 +524,17 @@ class ConsensusService:
         )
         if self.ledger is not None and self.identity.public_key in self._names:
             await asyncio.to_thread(self._cosign, block.height)
+
+    def _observe_commit(self, block: Block) -> None:
+        metrics = self.metrics
+        metrics.height.set(block.height)
+        metrics.committed_records.inc(len(block.records))
+        if self._submitted_at:
+            now = self._clock()
+            for record in block.records:
+                submitted = self._submitted_at.pop(record, None)
+                if submitted is not None:
+                    metrics.commit_latency.observe(now - submitted)
 
     def _persist_commit(self, block: Block, cert: CommitCertificate) -> None:
         self.blocks.append(block, cert)

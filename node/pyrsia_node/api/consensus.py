@@ -1,0 +1,58 @@
+"""Admin API for consensus input, mounted under ``/api/v1/records``.
+
+``POST /api/v1/records`` takes one raw canonical ledger record (``application/octet-stream``)
+and offers it to this node's mempool, which gossips it to every authority:
+
+* 202 ``{"record_hash": hex, "status": "admitted"}``: new, pending until a block commits it;
+* 200 ``{"record_hash": hex, "status": "already pending"}``: this node holds it already;
+* 400 ``{"error": reason}``: refused (not canonical, too large, already in the ledger, the
+  mempool is full), the reason saying what to do;
+* 409: this node is not an authority, so nothing would propose the record;
+* 503: consensus has not started yet; retry.
+
+Whether the record's attestations suffice is the mempool's `record_valid` check, the same
+one records gossiped from other authorities pass.
+"""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from pyrsia_node.consensus.mempool import RecordRejected
+from pyrsia_node.consensus.service import ConsensusService
+from pyrsia_node.merkle import leaf_hash
+
+PATH = "/api/v1/records"
+CONTENT_TYPE = "application/octet-stream"
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+def routes(consensus: ConsensusService) -> list[web.RouteDef]:
+    """The record submission route; mount with ``app.add_routes(routes(consensus))``."""
+
+    async def submit(request: web.Request) -> web.Response:
+        if request.content_type != CONTENT_TYPE:
+            return _error(
+                400, f"content type {request.content_type!r}: send the record as {CONTENT_TYPE}"
+            )
+        if not consensus.started:
+            return _error(503, "consensus is starting; retry")
+        if not consensus.is_validator():
+            return _error(409, "this node is not an authority; submit records to an authority")
+        record = await request.read()
+        if not record:
+            return _error(400, "empty body: send one canonical ledger record")
+        try:
+            new = consensus.submit(record)
+        except RecordRejected as exc:
+            return _error(400, exc.reason)
+        body = {
+            "record_hash": leaf_hash(record).hex(),
+            "status": "admitted" if new else "already pending",
+        }
+        return web.json_response(body, status=202 if new else 200)
+
+    return [web.post(PATH, submit)]

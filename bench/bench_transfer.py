@@ -1,25 +1,45 @@
 """Peer-to-peer distribution benchmark: every figure is a ratio against a reference
-measured in the same run, on loopback, in one process (the nodes share one event loop).
+measured in the same run, on loopback, each node in its own process.
 
-Run: .venv/bin/python bench/bench_transfer.py [--size-mib 256] [--append bench/RESULTS.md]
+Run: .venv/bin/python bench/bench_transfer.py [--size-mib 256] [--repeat 3]
+     [--append bench/RESULTS.md] [--profile DIR]
+
+Layout: one authority and 8 peers, each a real ``Node`` (mutual TLS, DHT, provider choice,
+consensus running) in its own ``python bench/bench_transfer.py --worker`` process, plus a
+plain HTTP file server (aiohttp, sendfile) in its own process. The controller (this
+process) drives the workers over their stdin/stdout with one JSON object per line; that
+bench-only control channel is the only thing the node does not have itself. The
+authority's upstream is an in-memory origin that counts how often it was asked.
 
 Measured:
-- fan-out: 8 peers fetch the same blob at once through whole nodes (mutual TLS, DHT,
-  provider choice, authority fallback) vs one peer fetching a blob of the same size;
-  and how many copies the upstream served during the fan-out (goal: exactly 1).
-- reference for fan-out: 8 plain HTTP downloads at once from one aiohttp server vs one.
-- one peer-to-peer download (Downloader from one provider, mutual TLS) vs one plain HTTP
-  download of the same file from an aiohttp server; both write through BlobStore.put_stream,
-  so both hash and fsync the same bytes.
+- one pull: a peer fetches a blob no peer holds (the authority acquires it once from its
+  origin, the peer downloads it from the authority).
+- fan-out: 8 peers fetch another blob of the same size at once; wall time until all 8
+  hold it, and how many copies the origin served (goal: exactly 1).
+- reference for fan-out: the same 8 peer processes download one file at once from the
+  plain HTTP server vs one of them alone.
+- one peer-to-peer download (``Downloader`` from the authority only, mutual TLS) vs one
+  plain HTTP download of the same file by the same peer process; both write through
+  ``BlobStore.put_stream``, so both hash and fsync the same bytes. Median of ``--repeat``.
+
+``--profile DIR`` runs every process under py-spy (``.venv/bin/py-spy``) and writes one
+collapsed-stack profile per process into DIR (profiling slows the run; figures from such a run
+are not the ones to report).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
+import json
+import logging
 import os
 import platform
+import resource
+import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -27,22 +47,12 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-import grpc
-from aiohttp import web
-
-REPO = Path(__file__).resolve().parent.parent
+SELF = Path(__file__).resolve()
+REPO = SELF.parent.parent
 sys.path[:0] = [str(REPO / "node"), str(REPO / "protos"), str(REPO / "tests")]
 
-from conftest import free_port_block  # noqa: E402
-from pyrsia_node import config  # noqa: E402
-from pyrsia_node.dht import Provider  # noqa: E402
-from pyrsia_node.distribution import Distribution, attach  # noqa: E402
-from pyrsia_node.genesis import create_network  # noqa: E402
-from pyrsia_node.server import Node  # noqa: E402
-from pyrsia_node.store import BlobStore  # noqa: E402
-
 PEERS = 8
+OP_TIMEOUT = 600.0
 
 
 def make_blob(size: int, seed: int) -> tuple[str, bytes]:
@@ -52,121 +62,263 @@ def make_blob(size: int, seed: int) -> tuple[str, bytes]:
     return "sha256:" + hashlib.sha256(data).hexdigest(), data
 
 
-async def start_cluster(root: Path, blobs: dict[str, bytes], upstream: Counter[str]) -> list[Any]:
-    network = create_network(root, authorities=1, peers=PEERS, base_port=free_port_block(200))
-    real_server = grpc.aio.server
-    registering: list[Distribution] = []
+# ---------------------------------------------------------------------------- worker side
 
-    def server_with_distribution(*args: Any, **kwargs: Any) -> grpc.aio.Server:
-        server = real_server(*args, **kwargs)
-        registering.pop().register(server)
-        return server
 
-    grpc.aio.server = server_with_distribution  # stands in for the wiring in Node.start()
-    cluster: list[Any] = []
-    for spec in network.nodes:
-        node = Node(config.load(spec.config_file, environ={}))
+async def worker(config_file: Path, size: int, seeds: list[int]) -> None:
+    """One node; answers the controller's commands read from stdin, one JSON per line."""
+    import aiohttp
+    from pyrsia_node import config
+    from pyrsia_node.dht import Provider
+    from pyrsia_node.server import Node
+    from pyrsia_node.store import BlobStore
 
-        async def origin(digest: str, node: Node = node) -> None:
+    node = Node(config.load(config_file, environ={}))
+    upstream: Counter[str] = Counter()
+    if node.config.role == "authority":
+        blobs = dict(make_blob(size, seed) for seed in seeds)
+
+        async def origin(digest: str) -> None:
             upstream[digest] += 1
             await node.store.put_bytes(digest, blobs[digest])
 
-        distribution = attach(node, origin=origin if spec.role == "authority" else None)
-        registering.append(distribution)
-        await node.start()
-        await distribution.start()
-        cluster.append((node, distribution))
-    grpc.aio.server = real_server
-    deadline = time.monotonic() + 20
-    while not all(len(d.dht.table) for _, d in cluster):
-        if time.monotonic() > deadline:
-            raise RuntimeError("nodes did not join the DHT within 20 s")
-        await asyncio.sleep(0.1)
-    return cluster
+        node.distribution.origin = origin
+    await node.start()
+    http_store = BlobStore(node.config.data_dir / "http-client")
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+
+    def reply(**fields: Any) -> None:
+        sys.stdout.write(json.dumps(fields) + "\n")
+        sys.stdout.flush()
+
+    reply(ready=True)
+    try:
+        while line := await reader.readline():
+            command = json.loads(line)
+            op = command["op"]
+            started = time.perf_counter()
+            if op == "info":
+                info = node.distribution.dht.self_info()
+                reply(
+                    node_id=info.node_id,
+                    grpc_address=info.grpc_address,
+                    table=len(node.distribution.dht.table),
+                )
+                continue
+            if op == "fetch":
+                await node.distribution.fetch_blob(command["digest"])
+            elif op == "download":
+                source = Provider(command["node_id"], command["grpc_address"], "", "authority")
+                await node.distribution.downloader.download(command["digest"], [source])
+            elif op == "http":
+                async with (
+                    aiohttp.ClientSession() as session,
+                    session.get(command["url"]) as response,
+                ):
+                    response.raise_for_status()
+                    await http_store.put_stream(
+                        command["digest"], response.content.iter_chunked(1 << 20)
+                    )
+            elif op == "forget":
+                node.store.delete(command["digest"])
+                http_store.delete(command["digest"])
+            elif op == "cpu":
+                usage = resource.getrusage(resource.RUSAGE_SELF)
+                reply(user=usage.ru_utime, system=usage.ru_stime)
+                continue
+            elif op == "upstream":
+                reply(copies=upstream[command["digest"]])
+                continue
+            elif op == "quit":
+                break
+            reply(seconds=time.perf_counter() - started, has=node.store.has(command["digest"]))
+    finally:
+        await node.stop()
 
 
-async def http_reference(root: Path, digest: str, data: bytes, clients: int) -> float:
-    path = root / "http-source.bin"
-    await asyncio.to_thread(path.write_bytes, data)
+def http_server(path: Path, port: int) -> None:
+    from aiohttp import web
 
-    async def serve(_: web.Request) -> web.FileResponse:
-        return web.FileResponse(path)
+    async def serve(request: web.Request) -> web.FileResponse:
+        return web.FileResponse(path / request.match_info["name"])
 
     app = web.Application()
-    app.add_routes([web.get("/blob", serve)])
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    port = free_port_block(1)
-    await web.TCPSite(runner, "127.0.0.1", port).start()
-
-    async def pull(index: int) -> None:
-        store = BlobStore(root / f"http-client-{clients}-{index}")
-        async with (
-            aiohttp.ClientSession() as session,
-            session.get(f"http://127.0.0.1:{port}/blob") as response,
-        ):
-            await store.put_stream(digest, response.content.iter_chunked(1 << 20))
-
-    started = time.perf_counter()
-    await asyncio.gather(*(pull(i) for i in range(clients)))
-    elapsed = time.perf_counter() - started
-    await runner.cleanup()
-    return elapsed
+    app.add_routes([web.get("/{name}", serve)])
+    web.run_app(app, host="127.0.0.1", port=port, access_log=None, print=None)
 
 
-async def run(size: int) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="pyrsia-bench-") as tmp:
-        root = Path(tmp)
-        single, fan, direct = make_blob(size, 1), make_blob(size, 2), make_blob(size, 3)
-        blobs = dict([single, fan, direct])
-        upstream: Counter[str] = Counter()
-        cluster = await start_cluster(root / "net", blobs, upstream)
-        authority, peers = cluster[0][1], [d for _, d in cluster[1:]]
-        try:
-            started = time.perf_counter()
-            await peers[0].fetch_blob(single[0])
-            one_pull = time.perf_counter() - started
+# ------------------------------------------------------------------------ controller side
 
-            started = time.perf_counter()
-            await asyncio.gather(*(p.fetch_blob(fan[0]) for p in peers))
-            fan_out = time.perf_counter() - started
-            for peer in peers:
-                assert await asyncio.to_thread(peer.node.store.has, fan[0])
 
-            await authority.fetch_blob(direct[0])
-            provider = authority.dht.self_info()
-            source = Provider(provider.node_id, provider.grpc_address, "", "authority")
-            started = time.perf_counter()
-            await peers[1].downloader.download(direct[0], [source])
-            p2p_one = time.perf_counter() - started
-        finally:
-            for node, distribution in reversed(cluster):
-                await distribution.stop()
-                await node.stop()
+class Worker:
+    """A worker process and its command pipe; every wait is bounded by ``OP_TIMEOUT``."""
 
-        http_one = await http_reference(root, direct[0], direct[1], 1)
-        http_fan = await http_reference(root, fan[0], fan[1], PEERS)
+    def __init__(self, name: str, process: asyncio.subprocess.Process) -> None:
+        self.name = name
+        self.process = process
+
+    async def read(self) -> dict[str, Any]:
+        assert self.process.stdout is not None
+        line = b""
+        while not line.startswith(b"{"):  # skips py-spy's own lines when profiling
+            line = await asyncio.wait_for(self.process.stdout.readline(), OP_TIMEOUT)
+            if not line:
+                raise RuntimeError(f"{self.name} exited; see its log under the run directory")
+        result: dict[str, Any] = json.loads(line)
+        return result
+
+    async def call(self, **command: Any) -> dict[str, Any]:
+        assert self.process.stdin is not None
+        self.process.stdin.write((json.dumps(command) + "\n").encode())
+        await self.process.stdin.drain()
+        return await self.read()
+
+
+def _prefix(profile: Path | None, name: str) -> list[str]:
+    if profile is None:
+        return []
+    spy = str(Path(sys.executable).parent / "py-spy")
+    return [spy, "record", "-n", "-r", "50", "-f", "raw", "-o", f"{profile}/{name}.txt", "--"]
+
+
+def _parent(profile: Path | None) -> list[str]:
+    """Children die with the controller, except under py-spy (py-spy is their parent)."""
+    return [] if profile is not None else ["--parent-pid", str(os.getpid())]
+
+
+async def spawn(args: list[str], log: Path, profile: Path | None, name: str) -> Any:
+    return await asyncio.create_subprocess_exec(
+        *_prefix(profile, name),
+        sys.executable,
+        *args,
+        stdin=asyncio.subprocess.PIPE,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=log.open("wb"),
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+async def run(size: int, repeat: int, root: Path, profile: Path | None) -> dict[str, float]:
+    from conftest import free_port_block
+    from pyrsia_node.genesis import create_network
+
+    seeds = [1, 2, 3]
+    single, fan, direct = (make_blob(size, seed)[0] for seed in seeds)
+    files = root / "http-files"
+    files.mkdir()
+    for seed, digest in zip(seeds, (single, fan, direct), strict=True):
+        (files / digest[7:]).write_bytes(make_blob(size, seed)[1])
+    network = create_network(
+        root / "net", authorities=1, peers=PEERS, base_port=free_port_block(200)
+    )
+    http_port = free_port_block(1)
+    processes: list[asyncio.subprocess.Process] = []
+    try:
+        http = await spawn(
+            [str(SELF), "--http-server", str(files), "--port", str(http_port), *_parent(profile)],
+            root / "http-server.log",
+            profile,
+            "http-server",
+        )
+        processes.append(http)
+        workers: list[Worker] = []
+        for spec in network.nodes:
+            process = await spawn(
+                [str(SELF), "--worker", str(spec.config_file), "--size-mib", str(size >> 20),
+                 *_parent(profile)],
+                root / f"{spec.name}.log",
+                profile,
+                spec.name,
+            )  # fmt: skip
+            processes.append(process)
+            workers.append(Worker(spec.name, process))
+        for w in workers:
+            await w.read()
+        deadline = time.monotonic() + 30
+        while not all([(await w.call(op="info"))["table"] for w in workers]):
+            if time.monotonic() > deadline:
+                raise RuntimeError("nodes did not join the DHT within 30 s")
+            await asyncio.sleep(0.2)
+        authority, peers = workers[0], workers[1:]
+        url = f"http://127.0.0.1:{http_port}/"
+
+        one_pull = (await peers[0].call(op="fetch", digest=single))["seconds"]
+        cpu_before = await asyncio.gather(*(w.call(op="cpu") for w in workers))
+        started = time.perf_counter()
+        results = await asyncio.gather(*(p.call(op="fetch", digest=fan) for p in peers))
+        fan_out = time.perf_counter() - started
+        cpu_after = await asyncio.gather(*(w.call(op="cpu") for w in workers))
+        for w, before, after in zip(workers, cpu_before, cpu_after, strict=True):
+            print(
+                f"fan-out CPU of {w.name}: user {after['user'] - before['user']:.2f} s, "
+                f"system {after['system'] - before['system']:.2f} s",
+                file=sys.stderr,
+            )
+        assert all(r["has"] for r in results), results
+        copies = (await authority.call(op="upstream", digest=fan))["copies"]
+
+        started = time.perf_counter()
+        await asyncio.gather(*(p.call(op="http", url=url + fan[7:], digest=fan) for p in peers))
+        http_fan = time.perf_counter() - started
+
+        await authority.call(op="fetch", digest=direct)
+        source = await authority.call(op="info")
+        p2p, http_one = [], []
+        for _ in range(repeat):
+            p2p.append(
+                (
+                    await peers[1].call(
+                        op="download",
+                        digest=direct,
+                        node_id=source["node_id"],
+                        grpc_address=source["grpc_address"],
+                    )
+                )["seconds"]
+            )
+            http_one.append(
+                (await peers[1].call(op="http", url=url + direct[7:], digest=direct))["seconds"]
+            )
+            await peers[1].call(op="forget", digest=direct)
+        for w in workers:
+            assert w.process.stdin is not None
+            w.process.stdin.write(b'{"op": "quit"}\n')
+        await asyncio.wait_for(asyncio.gather(*(w.process.wait() for w in workers)), 30)
+    finally:
+        for process in processes:
+            if process.returncode is None:
+                process.terminate() if profile is not None else process.kill()
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(process.wait(), 30)
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
+    print(f"p2p runs {p2p}, http runs {http_one}", file=sys.stderr)
+    p2p_one, http_median = statistics.median(p2p), statistics.median(http_one)
     return {
         "one_pull_s": one_pull,
         "fan_out_s": fan_out,
         "fan_out_over_one_pull": fan_out / one_pull,
-        "upstream_copies_in_fan_out": float(upstream[fan[0]]),
-        "http_one_s": http_one,
+        "upstream_copies_in_fan_out": float(copies),
+        "http_one_s": http_median,
         "http_fan_out_s": http_fan,
-        "http_fan_out_over_one": http_fan / http_one,
+        "http_fan_out_over_one": http_fan / http_median,
         "p2p_one_s": p2p_one,
-        "p2p_throughput_over_http": http_one / p2p_one,
+        "p2p_first_s": p2p[0],
+        "p2p_throughput_over_http": http_median / p2p_one,
     }
 
 
-def report(size_mib: int, figures: dict[str, float]) -> str:
-    command = f".venv/bin/python bench/bench_transfer.py --size-mib {size_mib}"
+def report(size_mib: int, repeat: int, figures: dict[str, float]) -> str:
+    command = f".venv/bin/python bench/bench_transfer.py --size-mib {size_mib} --repeat {repeat}"
     return "\n".join(
         [
             f"## Peer-to-peer transfer ({time.strftime('%Y-%m-%d')})",
             "",
             f"Command: `{command}` on {os.cpu_count()} cores, {platform.machine()}, "
-            f"Python {platform.python_version()}; all nodes in one process on loopback.",
+            f"Python {platform.python_version()}; every node and the HTTP server in its own "
+            "process on loopback.",
             "",
             "| figure | ratio | goal | raw |",
             "|---|---|---|---|",
@@ -178,9 +330,10 @@ def report(size_mib: int, figures: dict[str, float]) -> str:
             f"| reference: {PEERS} plain HTTP pulls from one source / one | "
             f"{figures['http_fan_out_over_one']:.2f}x | | "
             f"{figures['http_fan_out_s']:.2f} s / {figures['http_one_s']:.2f} s |",
-            f"| p2p throughput (1 provider, mTLS gRPC) / plain HTTP (aiohttp) | "
-            f"{figures['p2p_throughput_over_http']:.2f}x | >= 0.8x | "
-            f"{figures['p2p_one_s']:.2f} s vs {figures['http_one_s']:.2f} s |",
+            f"| p2p throughput (1 provider, mTLS gRPC) / plain HTTP (aiohttp), median of "
+            f"{repeat} | {figures['p2p_throughput_over_http']:.2f}x | >= 0.8x | "
+            f"{figures['p2p_one_s']:.2f} s vs {figures['http_one_s']:.2f} s (first p2p run "
+            f"{figures['p2p_first_s']:.2f} s) |",
             "",
         ]
     )
@@ -189,10 +342,37 @@ def report(size_mib: int, figures: dict[str, float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=256)
+    parser.add_argument("--repeat", type=int, default=3, help="runs of the one-to-one figures")
     parser.add_argument("--append", type=Path, help="append the figures to this Markdown file")
+    parser.add_argument("--profile", type=Path, help="write py-spy profiles into this directory")
+    parser.add_argument("--keep", action="store_true", help="keep the run directory and logs")
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
+    parser.add_argument("--http-server", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--port", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    figures = asyncio.run(run(args.size_mib << 20))
-    text = report(args.size_mib, figures)
+    if args.worker is not None or args.http_server is not None:
+        from pyrsia_node.localnet import die_with_parent
+
+        logging.basicConfig(level=logging.WARNING)
+        # Under py-spy the parent is py-spy, which the controller ends after the run.
+        die_with_parent(args.parent_pid or os.getppid())
+        if args.worker is not None:
+            asyncio.run(worker(args.worker, args.size_mib << 20, [1, 2, 3]))
+        else:
+            http_server(args.http_server, args.port)
+        return
+    if args.profile is not None:
+        args.profile.mkdir(parents=True, exist_ok=True)
+    root = Path(tempfile.mkdtemp(prefix="pyrsia-bench-"))
+    try:
+        figures = asyncio.run(run(args.size_mib << 20, args.repeat, root, args.profile))
+    finally:
+        if args.keep:
+            print(f"run directory: {root}", file=sys.stderr)
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+    text = report(args.size_mib, args.repeat, figures)
     print(text)
     if args.append is not None:
         with args.append.open("a") as out:

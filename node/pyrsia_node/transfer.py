@@ -131,9 +131,38 @@ class UploadCounter(Protocol):
 Acquire = Callable[[str], Coroutine[object, object, None]]
 
 
-def _read_chunk(handle: BinaryIO, size: int) -> tuple[bytes, bytes]:
+def _read_chunk(handle: BinaryIO, size: int, known: bytes | None) -> tuple[bytes, bytes]:
     data = handle.read(size)
-    return data, hashlib.sha256(data).digest()
+    return data, known if known is not None else hashlib.sha256(data).digest()
+
+
+class ChunkHashes:
+    """The SHA-256 of every chunk this node served, for its most recently served blobs.
+
+    A stored blob's bytes never change (the store names them by their digest), so a chunk
+    hash computed once stays right, and serving a blob to N downloaders costs one hash pass
+    instead of N. Keyed by (offset, length) within a blob, so a range that ends mid-chunk
+    never reuses the hash of the whole chunk. If the bytes on disk rotted after the hash was
+    taken, the downloader sees a chunk that does not match its stated hash and blames this
+    node, which is right: it served bad bytes.
+    """
+
+    def __init__(self, max_blobs: int = 256) -> None:
+        self.max_blobs = max_blobs
+        self._blobs: collections.OrderedDict[str, dict[tuple[int, int], bytes]] = (
+            collections.OrderedDict()
+        )
+
+    def of(self, digest: str) -> dict[tuple[int, int], bytes]:
+        """The (mutable) hash table of one blob; marks the blob as most recently used."""
+        table = self._blobs.get(digest)
+        if table is None:
+            table = self._blobs[digest] = {}
+            while len(self._blobs) > self.max_blobs:
+                self._blobs.popitem(last=False)
+        else:
+            self._blobs.move_to_end(digest)
+        return table
 
 
 class TransferServicer(transfer_pb2_grpc.TransferServicer):
@@ -162,6 +191,7 @@ class TransferServicer(transfer_pb2_grpc.TransferServicer):
         self.max_chunk_size = max_chunk_size
         self._acquire = acquire
         self._acquiring: dict[str, asyncio.Task[None]] = {}
+        self.chunk_hashes = ChunkHashes()
         self.active = 0
         self.reads_served = 0
 
@@ -226,11 +256,12 @@ class TransferServicer(transfer_pb2_grpc.TransferServicer):
                     grpc.StatusCode.OUT_OF_RANGE, f"range ends at {end}, blob has {size} bytes"
                 )
             await asyncio.to_thread(handle.seek, request.offset)
+            hashes = self.chunk_hashes.of(request.digest)
             offset = request.offset
             while offset < end:
-                data, digest = await asyncio.to_thread(
-                    _read_chunk, handle, min(chunk_size, end - offset)
-                )
+                key = (offset, min(chunk_size, end - offset))
+                data, digest = await asyncio.to_thread(_read_chunk, handle, key[1], hashes.get(key))
+                hashes[key] = digest
                 yield transfer_pb2.Chunk(offset=offset, data=data, sha256=digest)
                 self._metrics.uploaded_bytes.inc(len(data))
                 offset += len(data)
@@ -528,15 +559,17 @@ class _Attempt:
                 chunks = call.__aiter__()
                 while offset < end:
                     chunk = await asyncio.wait_for(anext(chunks), self.d.stall_timeout)
-                    await self._check(chunk, offset, end)
+                    # Every access to a bytes field of a upb message copies it: take it once.
+                    data = chunk.data
+                    await self._check(chunk.offset, data, chunk.sha256, offset, end)
                     async with self.changed:
-                        self.buffer[offset] = chunk.data
+                        self.buffer[offset] = data
                         self.chunks_by_provider[provider.node_id] = (
                             self.chunks_by_provider.get(provider.node_id, 0) + 1
                         )
                         self.changed.notify_all()
-                    self.d.metrics.downloaded_bytes.inc(len(chunk.data))
-                    offset += len(chunk.data)
+                    self.d.metrics.downloaded_bytes.inc(len(data))
+                    offset += len(data)
             except _BadChunk as exc:
                 self.d.metrics.bad_chunks.inc()
                 self.d._penalise(provider.node_id, str(exc))
@@ -553,13 +586,15 @@ class _Attempt:
                 # Resume point: every byte before ``offset`` was verified and buffered.
                 await self._give_back(offset, end)
 
-    async def _check(self, chunk: transfer_pb2.Chunk, offset: int, end: int) -> None:
+    async def _check(
+        self, chunk_offset: int, data: bytes, stated: bytes, offset: int, end: int
+    ) -> None:
         expected = min(self.chunk_size, end - offset)
-        if chunk.offset != offset or len(chunk.data) != expected:
+        if chunk_offset != offset or len(data) != expected:
             raise _BadChunk(
-                f"chunk at {chunk.offset} with {len(chunk.data)} bytes, expected "
+                f"chunk at {chunk_offset} with {len(data)} bytes, expected "
                 f"{expected} bytes at {offset}"
             )
-        actual = await asyncio.to_thread(lambda: hashlib.sha256(chunk.data).digest())
-        if actual != chunk.sha256:
+        actual = await asyncio.to_thread(lambda: hashlib.sha256(data).digest())
+        if actual != stated:
             raise _BadChunk(f"chunk at {offset} does not match its stated sha256")

@@ -373,7 +373,16 @@ async def test_forged_and_under_attested_records_never_commit(mirror: Mirror) ->
             )
             assert not reply.accepted, what
             assert reply.reason, what
-    # Even offered straight to consensus by an authority's peers, none reaches any log.
+    # The admin API an operator submits governance records through refuses them too.
+    admin = f"{mirror.http('authority-1')}/api/v1/records"
+    for what, forged in forgeries(committed).items():
+        request = urllib.request.Request(
+            admin, data=forged.encode(), headers={"Content-Type": "application/octet-stream"}
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            await asyncio.to_thread(urllib.request.urlopen, request, timeout=10)
+        assert refused.value.code == 400, what
+    # Offered straight to consensus, none reaches any log.
     await asyncio.sleep(1.0)
     for name in ("authority-0", "authority-3", "peer-1"):
         records = await asyncio.to_thread(

@@ -26,6 +26,7 @@ from pyrsia.v1 import build_pb2_grpc, peer_pb2, peer_pb2_grpc
 
 from pyrsia_node import __version__, api, identity
 from pyrsia_node.api.builds import routes as build_routes
+from pyrsia_node.api.consensus import routes as consensus_routes
 from pyrsia_node.api.ledger import routes as ledger_routes
 from pyrsia_node.build import (
     BuildClient,
@@ -287,7 +288,12 @@ class Node:
         app = api.build_app(
             self.status,
             self.ready,
-            [*ledger_routes(self.ledger), *build_routes(self.build_client), *mirror],
+            [
+                *ledger_routes(self.ledger),
+                *consensus_routes(self.consensus),
+                *build_routes(self.build_client),
+                *mirror,
+            ],
         )
         await self._serve(app, self.config.http_port)
         await self._serve(self._metrics_app(), self.config.metrics_port)

@@ -131,6 +131,74 @@ class UploadCounter(Protocol):
 Acquire = Callable[[str], Coroutine[object, object, None]]
 
 
+class ChunkDecodeError(Exception):
+    """A Read response that is not a well-formed ``Chunk`` message."""
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedChunk:
+    """A ``Chunk`` decoded straight from its wire bytes (see ``decode_chunk``)."""
+
+    offset: int
+    data: bytes
+    sha256: bytes
+
+
+def _varint(raw: bytes, pos: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= len(raw):
+            raise ChunkDecodeError("truncated varint")
+        byte = raw[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if not byte & 0x80:
+            return result & 0xFFFF_FFFF_FFFF_FFFF, pos
+        shift += 7
+        if shift >= 70:
+            raise ChunkDecodeError("varint longer than 10 bytes")
+
+
+def decode_chunk(raw: bytes) -> ReceivedChunk:
+    """Decode a serialized ``Chunk`` with one copy of its data, as protobuf would read it.
+
+    Why not ``Chunk.FromString``: it copies the data into the message, and every read of
+    ``chunk.data`` copies it again (upb); a chunk is megabytes. Semantics follow protobuf:
+    fields in any order, the last occurrence wins, unknown fields are skipped.
+    """
+    offset, data, sha256 = 0, b"", b""
+    pos, size = 0, len(raw)
+    while pos < size:
+        key, pos = _varint(raw, pos)
+        field, wire = key >> 3, key & 7
+        if field == 0:
+            raise ChunkDecodeError("field number 0")
+        if wire == 0:
+            value, pos = _varint(raw, pos)
+            if field == 1:
+                offset = value
+        elif wire == 2:
+            length, pos = _varint(raw, pos)
+            end = pos + length
+            if end > size:
+                raise ChunkDecodeError("truncated length-delimited field")
+            if field == 2:
+                data = raw[pos:end]
+            elif field == 3:
+                sha256 = raw[pos:end]
+            pos = end
+        elif wire in (1, 5):
+            pos += 8 if wire == 1 else 4
+            if pos > size:
+                raise ChunkDecodeError("truncated fixed-width field")
+        else:
+            raise ChunkDecodeError(f"unsupported wire type {wire}")
+    return ReceivedChunk(offset, data, sha256)
+
+
+READ_METHOD = "/pyrsia.v1.Transfer/Read"
+
+
 def _read_chunk(handle: BinaryIO, size: int, known: bytes | None) -> tuple[bytes, bytes]:
     data = handle.read(size)
     return data, known if known is not None else hashlib.sha256(data).digest()
@@ -313,6 +381,7 @@ class DownloadReport:
 
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
+_ReadMethod = grpc.aio.UnaryStreamMultiCallable[transfer_pb2.ReadRequest, ReceivedChunk]
 
 
 class Downloader:
@@ -517,10 +586,14 @@ class _Attempt:
             if stat.max_chunk_size < self.chunk_size:
                 raise _ProviderFailed(provider, f"max chunk {stat.max_chunk_size} too small")
             slots = max(1, min(self.d.max_in_flight_per_provider, stat.max_in_flight))
-            stub = transfer_pb2_grpc.TransferStub(self.d.channel(provider.grpc_address))
+            read = self.d.channel(provider.grpc_address).unary_stream(
+                READ_METHOD,
+                request_serializer=transfer_pb2.ReadRequest.SerializeToString,
+                response_deserializer=decode_chunk,
+            )
             async with asyncio.TaskGroup() as group:
                 for _ in range(slots):
-                    group.create_task(self._stream(provider, stub))
+                    group.create_task(self._stream(provider, read))
         except* _ProviderFailed as group_error:
             first = group_error.exceptions[0]
             assert isinstance(first, _ProviderFailed)
@@ -544,10 +617,10 @@ class _Attempt:
                 self.failed = True
                 self.changed.notify_all()
 
-    async def _stream(self, provider: Provider, stub: transfer_pb2_grpc.TransferAsyncStub) -> None:
+    async def _stream(self, provider: Provider, read: _ReadMethod) -> None:
         while (taken := await self._take()) is not None:
             offset, end = taken
-            call = stub.Read(
+            call = read(
                 transfer_pb2.ReadRequest(
                     digest=self.digest,
                     offset=offset,
@@ -559,7 +632,6 @@ class _Attempt:
                 chunks = call.__aiter__()
                 while offset < end:
                     chunk = await asyncio.wait_for(anext(chunks), self.d.stall_timeout)
-                    # Every access to a bytes field of a upb message copies it: take it once.
                     data = chunk.data
                     await self._check(chunk.offset, data, chunk.sha256, offset, end)
                     async with self.changed:

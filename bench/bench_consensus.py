@@ -1,26 +1,38 @@
 """Consensus throughput and commit latency on loopback.
 
-Starts N authorities as `ConsensusService`s in this one process (one asyncio loop, real
-gRPC over 127.0.0.1, real write-ahead fsyncs, real SQLite transparency logs in a temporary
-directory), offers records at a fixed rate spread over the authorities, and reports:
+Two modes, both offering records at a fixed rate spread over the authorities:
+
+* ``--mode processes`` (default): a `LocalNetwork` of N real node processes (as
+  ``pyrsia up`` runs them: mutual TLS, record validation against the authorities'
+  attestations, fsynced write-ahead state, SQLite transparency logs, checkpoint
+  cosigning). Records go in through gRPC ``SubmitRecords`` calls (every 10 ms, the records due so
+  far, to the node each is assigned to); commits are observed
+  through each node's ``GetBlocks(follow=True)`` stream.
+* ``--mode inprocess``: N `ConsensusService`s in this one process (one asyncio loop, real
+  gRPC without TLS, real fsyncs and logs); a lower bound, all nodes sharing one GIL.
+
+Reported:
 
 * committed records per second (records committed / time from first offer to last commit),
-* commit latency p50 and p99 (offer -> commit at the authority that received the record).
+* commit latency p50 and p99 (offer -> commit seen at the authority that admitted the
+  record; in processes mode, seen by this process through that node's follow stream),
+* the reference: the same records appended straight to a `TransparencyLog`, in batches of
+  the run's mean block size, with no consensus, and the ratio against it.
 
 Each record is a canonical ledger artifact record carrying one DSSE attestation with an
 in-toto statement and an Ed25519 signature, as authorities produce them.
 
-Usage: .venv/bin/python bench/bench_consensus.py --authorities 4 --rate 4000 --seconds 10
-
-All nodes share one Python process (and its GIL), so figures are a lower bound for
-separate processes.
+Usage: .venv/bin/python bench/bench_consensus.py --authorities 4 --rate 3000 --seconds 10
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import json
+import random
+import socket
 import statistics
 import sys
 import tempfile
@@ -28,6 +40,11 @@ import time
 from pathlib import Path
 
 import grpc
+from pyrsia.v1 import consensus_pb2 as pb
+from pyrsia.v1 import consensus_pb2_grpc as pb_grpc
+from pyrsia_node import attestation, tls
+from pyrsia_node.attestation import AcquiredImage, attest
+from pyrsia_node.build import artifact_record
 from pyrsia_node.consensus import Block, CommitCertificate, ConsensusConfig, Timeouts
 from pyrsia_node.consensus.mempool import MempoolLimits
 from pyrsia_node.consensus.service import ConsensusService, GrpcTransport, initialize_state
@@ -41,9 +58,12 @@ from pyrsia_node.ledger.records import (
     DsseEnvelope,
     PackageType,
 )
+from pyrsia_node.localnet import LocalNetwork, Shape, fetch_json
 from pyrsia_node.merkle import leaf_hash
 
 CHAIN = "pyrsia-bench"
+MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+TICK = 0.01  # seconds between submission batches in processes mode
 
 
 def make_record(index: int, signer: Identity) -> bytes:
@@ -165,14 +185,187 @@ async def run(authorities: int, rate: float, seconds: float, root: Path) -> dict
     }
 
 
+def free_port_block(size: int) -> int:
+    """The first port of `size` consecutive free loopback ports."""
+    rng = random.Random()
+    for _ in range(200):
+        base = rng.randrange(20000, 60000 - size)
+        free = True
+        for port in range(base, base + size):
+            with socket.socket() as sock:
+                try:
+                    sock.bind(("127.0.0.1", port))
+                except OSError:
+                    free = False
+                    break
+        if free:
+            return base
+    raise RuntimeError("no block of free loopback ports found")
+
+
+def attested_records(total: int, attester: Identity) -> list[bytes]:
+    """`total` artifact records, each with one attestation by `attester` in the format the
+    nodes' record check accepts (`pyrsia_node.build.check_artifact_record`)."""
+    now = dt.datetime.now(dt.UTC)
+    records = []
+    for index in range(total):
+        image = AcquiredImage(
+            "docker.io",
+            f"library/bench{index}",
+            "v1",
+            attestation.Artifact(f"sha256:{index + 1:064x}", 1024 + index, MANIFEST),
+            (),
+            (),
+        )
+        _, envelope = attest(image, "docker.io", now, attester)
+        records.append(artifact_record(image, [envelope]).encode())
+    return records
+
+
+def reference_append(records: list[bytes], batch: int, root: Path) -> float:
+    """Records per second appended straight to a `TransparencyLog`, `batch` at a time."""
+    ledger = TransparencyLog(root / "reference-ledger")
+    try:
+        start = time.perf_counter()
+        for first in range(0, len(records), batch):
+            ledger.append(records[first : first + batch])
+        return len(records) / (time.perf_counter() - start)
+    finally:
+        ledger.close()
+
+
+def percentile(sorted_values: list[float], fraction: float) -> float:
+    if not sorted_values:
+        return float("nan")
+    return sorted_values[int(fraction * (len(sorted_values) - 1))]
+
+
+async def run_processes(
+    authorities: int, rate: float, seconds: float, root: Path
+) -> dict[str, float]:
+    net = LocalNetwork(
+        root / "net",
+        Shape(
+            authorities,
+            0,
+            free_port_block(10 * authorities + 10),
+            "127.0.0.1",
+            attestation_threshold=1,
+        ),
+    )
+    ca_dir = net.root / "ca"
+    ca = tls.KeyPair((ca_dir / "ca.key").read_bytes(), (ca_dir / "ca.crt").read_bytes())
+    client = tls.issue_node_certificate(ca, "bench-client")
+    credentials = grpc.ssl_channel_credentials(ca.cert_pem, client.key_pem, client.cert_pem)
+    options = [
+        ("grpc.ssl_target_name_override", tls.TARGET_NAME),
+        ("grpc.max_receive_message_length", 64 << 20),
+    ]
+    attester = Identity.from_pem((net.node("authority-0").data_dir / "keys/node.key").read_bytes())
+    total = int(rate * seconds)
+    records = attested_records(total, attester)
+    names = [f"authority-{i}" for i in range(authorities)]
+    offered: dict[bytes, tuple[float, int]] = {}
+    latencies: list[float] = []
+    committed = 0
+    blocks = 0
+    last_commit = 0.0
+    net.start()
+    try:
+        net.wait_connected(timeout=60)
+        channels = [
+            grpc.aio.secure_channel(net.node(name).grpc_address, credentials, options=options)
+            for name in names
+        ]
+        stubs = [pb_grpc.ConsensusStub(channel) for channel in channels]
+        start_height = [0] * authorities
+        for i, name in enumerate(names):
+            status = fetch_json(f"{net.node(name).http_url}/api/v1/status")
+            start_height[i] = status["ledger"]["height"]
+
+        async def follow(node: int) -> None:
+            nonlocal committed, blocks, last_commit
+            request = pb.GetBlocksRequest(from_height=start_height[node] + 1, follow=True)
+            async for item in stubs[node].GetBlocks(request):
+                now = time.perf_counter()
+                if node == 0:
+                    committed += len(item.block.records)
+                    blocks += 1
+                    last_commit = now
+                for record in item.block.records:
+                    entry = offered.get(record)
+                    if entry is not None and entry[1] == node:
+                        latencies.append(now - entry[0])
+
+        followers = [asyncio.create_task(follow(i)) for i in range(authorities)]
+        await asyncio.sleep(0.5)
+        rejected: list[str] = []
+
+        async def submit(node: int, batch: list[bytes]) -> None:
+            response = await stubs[node].SubmitRecords(
+                pb.SubmitRecordsRequest(records=batch), timeout=30
+            )
+            rejected.extend(r.reason for r in response.results if not r.accepted)
+
+        # Every TICK, the records due so far go to their nodes, one SubmitRecords each.
+        start = time.perf_counter()
+        tasks = []
+        sent = 0
+        while sent < total:
+            await asyncio.sleep(TICK)
+            due = min(total, int((time.perf_counter() - start) * rate) + 1)
+            batches: dict[int, list[bytes]] = {}
+            now = time.perf_counter()
+            for index in range(sent, due):
+                node = index % authorities
+                offered[records[index]] = (now, node)
+                batches.setdefault(node, []).append(records[index])
+            sent = due
+            tasks += [asyncio.create_task(submit(n, b)) for n, b in batches.items()]
+        offered_for = time.perf_counter() - start
+        await asyncio.gather(*tasks)
+        deadline = time.perf_counter() + 60
+        while committed < total - len(rejected) and time.perf_counter() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+        for task in followers:
+            task.cancel()
+        await asyncio.gather(*followers, return_exceptions=True)
+        for channel in channels:
+            await channel.close()
+    finally:
+        net.stop()
+    latencies.sort()
+    mean_block = committed / blocks if blocks else 1.0
+    reference = reference_append(records, max(1, round(mean_block)), root)
+    throughput = committed / (last_commit - start) if committed else 0.0
+    return {
+        "mode": "processes",
+        "authorities": authorities,
+        "offered_per_second": rate,
+        "achieved_offer_per_second": total / offered_for,
+        "records": total,
+        "rejected": len(rejected),
+        "committed": committed,
+        "blocks": blocks,
+        "mean_block_records": mean_block,
+        "records_per_second": throughput,
+        "latency_p50_ms": 1000 * percentile(latencies, 0.5),
+        "latency_p99_ms": 1000 * percentile(latencies, 0.99),
+        "reference_log_append_per_second": reference,
+        "ratio_to_reference": throughput / reference,
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mode", choices=("processes", "inprocess"), default="processes")
     parser.add_argument("--authorities", type=int, default=4)
-    parser.add_argument("--rate", type=float, default=4000, help="records offered per second")
+    parser.add_argument("--rate", type=float, default=3000, help="records offered per second")
     parser.add_argument("--seconds", type=float, default=10)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pyrsia-bench-") as tmp:
-        result = asyncio.run(run(args.authorities, args.rate, args.seconds, Path(tmp)))
+        runner = run_processes if args.mode == "processes" else run
+        result = asyncio.run(runner(args.authorities, args.rate, args.seconds, Path(tmp)))
     json.dump(result, sys.stdout, indent=2)
     print()
 

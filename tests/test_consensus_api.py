@@ -102,7 +102,8 @@ async def test_a_new_record_is_admitted_and_gossiped(
         "record_hash": leaf_hash(record(1)).hex(),
         "status": "admitted",
     }
-    assert [e.record for e in transport.sent if e.WhichOneof("body") == "record"] == [record(1)]
+    gossiped = [r for e in transport.sent if e.HasField("records") for r in e.records.records]
+    assert gossiped == [record(1)]
 
 
 async def test_a_pending_record_is_not_admitted_twice(

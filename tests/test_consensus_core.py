@@ -784,3 +784,12 @@ def test_default_timeouts_let_a_lone_validator_rest_between_empty_blocks() -> No
     actions = step(core, TimeoutFired(Timeout(TimeoutKind.EMPTY_BLOCK, 1, 0)))
     assert [a.block.records for a in actions if isinstance(a, Commit)] == [()]
     assert core.height == 2 and core.step is Step.NEW_HEIGHT
+
+
+def test_a_block_repeating_a_committed_record_gets_a_nil_prevote() -> None:
+    committed = {b"old"}
+    core = make_core(0, record_committed=committed.__contains__)
+    step(core)
+    b = block((b"old", b"new"))
+    actions = feed(core, proposal(b, 0))
+    assert [v.block_hash for v in votes_of(actions, core, VoteType.PREVOTE)] == [None]

@@ -380,13 +380,21 @@ async def test_submitted_records_are_gossiped_to_authorities_and_admitted_from_t
         assert transport.streaming
         assert set(transport.authorities) == {n.identity.public_key for n in nodes}
         assert service.submit(record(1))
-        assert [e.record for e in transport.sent if e.WhichOneof("body") == "record"] == [record(1)]
+        assert service.submit(record(3))
+        await asyncio.sleep(0)  # records submitted in one loop turn go out in one batch
+        batches = [list(e.records.records) for e in transport.sent if e.HasField("records")]
+        assert batches == [[record(1), record(3)]]
         service.receive(nodes[1].identity.public_key, pb.ConsensusEnvelope(record=record(2)))
-        assert len(service.mempool) == 2
+        assert len(service.mempool) == 3
+        batch = pb.RecordBatch(records=[record(2), record(4)])
+        service.receive(nodes[2].identity.public_key, pb.ConsensusEnvelope(records=batch))
+        assert len(service.mempool) == 4
         sent = len(transport.sent)
         service.receive(nodes[1].identity.public_key, pb.ConsensusEnvelope(record=record(2)))
-        assert len(service.mempool) == 2
-        assert not [e for e in transport.sent[sent:] if e.WhichOneof("body") == "record"]
+        await asyncio.sleep(0)
+        assert len(service.mempool) == 4
+        # Records gossiped to this node are not gossiped on.
+        assert not [e for e in transport.sent[sent:] if e.HasField("records")]
     finally:
         await service.stop()
         for n in nodes:

@@ -250,6 +250,10 @@ def _accept_any_record(record: bytes) -> bool:
     return True
 
 
+def _never_committed(record: bytes) -> bool:
+    return False
+
+
 def _slot(message: ConsensusMessage) -> tuple[int, int, MessageKind]:
     if isinstance(message, Proposal):
         return (message.height, message.round, MessageKind.PROPOSAL)
@@ -273,6 +277,7 @@ class ConsensusCore:
         verify: SignatureVerifier = verify_signature,
         validator_set_change: ValidatorSetChangeDecoder = no_validator_set_changes,
         record_valid: Callable[[bytes], bool] = _accept_any_record,
+        record_committed: Callable[[bytes], bool] = _never_committed,
         restored: WalState | None = None,
         state_lost: bool = False,
     ) -> None:
@@ -283,6 +288,7 @@ class ConsensusCore:
         self._verify = verify
         self._decoder = validator_set_change
         self._record_valid = record_valid
+        self._record_committed = record_committed
         self._chain = chain
         self._pending: dict[bytes, None] = {}
         self._future: list[tuple[ConsensusMessage, bytes | None]] = []
@@ -577,7 +583,10 @@ class ConsensusCore:
             and len(block.records) <= self.config.max_block_records
             and sum(map(len, block.records)) <= self.config.max_block_bytes
             and len(set(block.records)) == len(block.records)
-            and all(r in self._pending or self._record_valid(r) for r in block.records)
+            and all(
+                r in self._pending or (self._record_valid(r) and not self._record_committed(r))
+                for r in block.records
+            )
         )
         self._block_validity[block.hash] = valid
         return valid

@@ -46,6 +46,9 @@ class Mempool:
     def __len__(self) -> int:
         return len(self._pending)
 
+    def __contains__(self, record: bytes) -> bool:
+        return leaf_hash(record) in self._pending
+
     @property
     def pending_bytes(self) -> int:
         return self._bytes

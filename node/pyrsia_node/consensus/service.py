@@ -84,6 +84,7 @@ from pyrsia_node.ledger.checkpoint import (
 )
 from pyrsia_node.ledger.log import LogError, TransparencyLog
 from pyrsia_node.ledger.records import RecordError, decode_record
+from pyrsia_node.merkle import leaf_hash
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,9 @@ SYNC_BATCH = 64
 MAX_BLOCKS_PER_REQUEST = 256
 RECONNECT_SECONDS = 0.5
 FETCH_TIMEOUT_SECONDS = 10.0
+# Record gossip is batched per event-loop turn, up to this many bytes per envelope (well
+# under gRPC's default 4 MiB message limit).
+GOSSIP_BATCH_BYTES = 1 << 20
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 
@@ -277,6 +281,9 @@ class ConsensusService:
         self.metrics = ConsensusMetrics(registry or CollectorRegistry(), self.mempool.__len__)
         # Records submitted to this node (not gossiped to it) -> when: for commit latency.
         self._submitted_at: dict[bytes, float] = {}
+        # Records submitted here and not yet gossiped: sent in one batch per loop turn.
+        self._gossip: list[bytes] = []
+        self._gossip_scheduled = False
 
     # Wiring -----------------------------------------------------------------------------
 
@@ -345,6 +352,7 @@ class ConsensusService:
             verify=verify_signature,
             validator_set_change=self._decoder,
             record_valid=self._record_valid,
+            record_committed=self._record_committed,
             restored=restored,
             state_lost=restored is None,
         )
@@ -380,12 +388,31 @@ class ConsensusService:
         """Offer a record; True when it is new. Raises `RecordRejected` with the reason.
 
         A new record is also sent to the other authorities, so whichever proposes next can
-        include it."""
+        include it: the records submitted during one event-loop turn go out together."""
         if not self._admit(record):
             return False
         self._submitted_at[record] = self._clock()
-        self.transport.broadcast(pb.ConsensusEnvelope(record=record))
+        self._gossip.append(record)
+        if not self._gossip_scheduled:
+            self._gossip_scheduled = True
+            asyncio.get_running_loop().call_soon(self._send_gossip)
         return True
+
+    def _send_gossip(self) -> None:
+        self._gossip_scheduled = False
+        batch: list[bytes] = []
+        size = 0
+        for record in self._gossip:
+            if batch and size + len(record) > GOSSIP_BATCH_BYTES:
+                self.transport.broadcast(
+                    pb.ConsensusEnvelope(records=pb.RecordBatch(records=batch))
+                )
+                batch, size = [], 0
+            batch.append(record)
+            size += len(record)
+        if batch:
+            self.transport.broadcast(pb.ConsensusEnvelope(records=pb.RecordBatch(records=batch)))
+        self._gossip = []
 
     def _admit(self, record: bytes) -> bool:
         if not self.mempool.admit(record):
@@ -402,6 +429,11 @@ class ConsensusService:
         if body == "record":
             with contextlib.suppress(RecordRejected):
                 self._admit(envelope.record)
+            return
+        if body == "records":
+            for record in envelope.records.records:
+                with contextlib.suppress(RecordRejected):
+                    self._admit(record)
             return
         try:
             message = message_from_pb(envelope)
@@ -447,6 +479,14 @@ class ConsensusService:
         while True:
             event = await self._events.get()
             core = self.core
+            if (
+                isinstance(event, RecordSubmitted)
+                and event is not _START
+                and event.record not in self.mempool
+            ):
+                # Committed (or synced) since it was admitted: proposing it again would put
+                # it in the log twice.
+                continue
             height, round_ = core.height, core.round
             actions = core.start() if event is _START else core.handle(event)
             self._count_round_changes(height, round_)
@@ -665,6 +705,9 @@ class ConsensusService:
         addresses = {k: self._addresses[k] for k in keys if k in self._addresses}
         self.transport.set_authorities(addresses, stream=self.is_validator())
 
+    def _record_committed(self, record: bytes) -> bool:
+        return self._in_ledger(leaf_hash(record))
+
     def _in_ledger(self, record_hash: bytes) -> bool:
         if self.ledger is None:
             return False
@@ -750,3 +793,19 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
         return pb.SubmitRecordResponse(
             accepted=accepted, reason="" if accepted else "already pending"
         )
+
+    async def SubmitRecords(  # noqa: N802 (gRPC method name)
+        self,
+        request: pb.SubmitRecordsRequest,
+        context: grpc.aio.ServicerContext[pb.SubmitRecordsRequest, pb.SubmitRecordsResponse],
+    ) -> pb.SubmitRecordsResponse:
+        results = []
+        for record in request.records:
+            try:
+                accepted = self._service.submit(record)
+            except RecordRejected as exc:
+                results.append(pb.SubmitRecordResponse(accepted=False, reason=exc.reason))
+                continue
+            reason = "" if accepted else "already pending"
+            results.append(pb.SubmitRecordResponse(accepted=accepted, reason=reason))
+        return pb.SubmitRecordsResponse(results=results)

@@ -24,15 +24,15 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pyrsia/v1/consensus.proto\x12\tpyrsia.v1\"h\n\x0e\x43onsensusBlock\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0e\n\x06height\x18\x02 \x01(\x04\x12\x11\n\tprev_hash\x18\x03 \x01(\x0c\x12\x10\n\x08proposer\x18\x04 \x01(\x0c\x12\x0f\n\x07records\x18\x05 \x03(\x0c\"\x86\x01\n\x11\x43onsensusProposal\x12(\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x19.pyrsia.v1.ConsensusBlock\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0bvalid_round\x18\x03 \x01(\x03\x12\x10\n\x08proposer\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x94\x01\n\rConsensusVote\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.pyrsia.v1.ConsensusVoteType\x12\x0e\n\x06height\x18\x02 \x01(\x04\x12\r\n\x05round\x18\x03 \x01(\r\x12\x12\n\nblock_hash\x18\x04 \x01(\x0c\x12\x11\n\tvalidator\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"7\n\x0f\x43ommitSignature\x12\x11\n\tvalidator\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"v\n\x11\x43ommitCertificate\x12\x0e\n\x06height\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nblock_hash\x18\x03 \x01(\x0c\x12.\n\nsignatures\x18\x04 \x03(\x0b\x32\x1a.pyrsia.v1.CommitSignature\"m\n\x0e\x43ommittedBlock\x12(\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x19.pyrsia.v1.ConsensusBlock\x12\x31\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0b\x32\x1c.pyrsia.v1.CommitCertificate\"n\n\x0bStreamHello\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\x12\x10\n\x08receiver\x18\x03 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"y\n\x15\x43heckpointCosignature\x12\x0e\n\x06height\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0c\n\x04root\x18\x03 \x01(\x0c\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\xeb\x01\n\x11\x43onsensusEnvelope\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.pyrsia.v1.StreamHelloH\x00\x12\x30\n\x08proposal\x18\x02 \x01(\x0b\x32\x1c.pyrsia.v1.ConsensusProposalH\x00\x12(\n\x04vote\x18\x03 \x01(\x0b\x32\x18.pyrsia.v1.ConsensusVoteH\x00\x12\x37\n\x0b\x63osignature\x18\x04 \x01(\x0b\x32 .pyrsia.v1.CheckpointCosignatureH\x00\x12\x10\n\x06record\x18\x05 \x01(\x0cH\x00\x42\x06\n\x04\x62ody\"!\n\rStreamSummary\x12\x10\n\x08received\x18\x01 \x01(\x04\"F\n\x10GetBlocksRequest\x12\x13\n\x0b\x66rom_height\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"%\n\x13SubmitRecordRequest\x12\x0e\n\x06record\x18\x01 \x01(\x0c\"8\n\x14SubmitRecordResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t*|\n\x11\x43onsensusVoteType\x12#\n\x1f\x43ONSENSUS_VOTE_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43ONSENSUS_VOTE_TYPE_PREVOTE\x10\x02\x12!\n\x1d\x43ONSENSUS_VOTE_TYPE_PRECOMMIT\x10\x03\x32\xe7\x01\n\tConsensus\x12\x42\n\x06Stream\x12\x1c.pyrsia.v1.ConsensusEnvelope\x1a\x18.pyrsia.v1.StreamSummary(\x01\x12\x45\n\tGetBlocks\x12\x1b.pyrsia.v1.GetBlocksRequest\x1a\x19.pyrsia.v1.CommittedBlock0\x01\x12O\n\x0cSubmitRecord\x12\x1e.pyrsia.v1.SubmitRecordRequest\x1a\x1f.pyrsia.v1.SubmitRecordResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19pyrsia/v1/consensus.proto\x12\tpyrsia.v1\"h\n\x0e\x43onsensusBlock\x12\x10\n\x08\x63hain_id\x18\x01 \x01(\t\x12\x0e\n\x06height\x18\x02 \x01(\x04\x12\x11\n\tprev_hash\x18\x03 \x01(\x0c\x12\x10\n\x08proposer\x18\x04 \x01(\x0c\x12\x0f\n\x07records\x18\x05 \x03(\x0c\"\x86\x01\n\x11\x43onsensusProposal\x12(\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x19.pyrsia.v1.ConsensusBlock\x12\r\n\x05round\x18\x02 \x01(\r\x12\x13\n\x0bvalid_round\x18\x03 \x01(\x03\x12\x10\n\x08proposer\x18\x04 \x01(\x0c\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"\x94\x01\n\rConsensusVote\x12*\n\x04type\x18\x01 \x01(\x0e\x32\x1c.pyrsia.v1.ConsensusVoteType\x12\x0e\n\x06height\x18\x02 \x01(\x04\x12\r\n\x05round\x18\x03 \x01(\r\x12\x12\n\nblock_hash\x18\x04 \x01(\x0c\x12\x11\n\tvalidator\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"7\n\x0f\x43ommitSignature\x12\x11\n\tvalidator\x18\x01 \x01(\x0c\x12\x11\n\tsignature\x18\x02 \x01(\x0c\"v\n\x11\x43ommitCertificate\x12\x0e\n\x06height\x18\x01 \x01(\x04\x12\r\n\x05round\x18\x02 \x01(\r\x12\x12\n\nblock_hash\x18\x03 \x01(\x0c\x12.\n\nsignatures\x18\x04 \x03(\x0b\x32\x1a.pyrsia.v1.CommitSignature\"m\n\x0e\x43ommittedBlock\x12(\n\x05\x62lock\x18\x01 \x01(\x0b\x32\x19.pyrsia.v1.ConsensusBlock\x12\x31\n\x0b\x63\x65rtificate\x18\x02 \x01(\x0b\x32\x1c.pyrsia.v1.CommitCertificate\"n\n\x0bStreamHello\x12\x12\n\npublic_key\x18\x01 \x01(\x0c\x12\x10\n\x08\x63hain_id\x18\x02 \x01(\t\x12\x10\n\x08receiver\x18\x03 \x01(\x0c\x12\x14\n\x0ctimestamp_ms\x18\x04 \x01(\x04\x12\x11\n\tsignature\x18\x05 \x01(\x0c\"y\n\x15\x43heckpointCosignature\x12\x0e\n\x06height\x18\x01 \x01(\x04\x12\x11\n\ttree_size\x18\x02 \x01(\x04\x12\x0c\n\x04root\x18\x03 \x01(\x0c\x12\x0c\n\x04name\x18\x04 \x01(\t\x12\x0e\n\x06key_id\x18\x05 \x01(\x0c\x12\x11\n\tsignature\x18\x06 \x01(\x0c\"\x1e\n\x0bRecordBatch\x12\x0f\n\x07records\x18\x01 \x03(\x0c\"\x96\x02\n\x11\x43onsensusEnvelope\x12\'\n\x05hello\x18\x01 \x01(\x0b\x32\x16.pyrsia.v1.StreamHelloH\x00\x12\x30\n\x08proposal\x18\x02 \x01(\x0b\x32\x1c.pyrsia.v1.ConsensusProposalH\x00\x12(\n\x04vote\x18\x03 \x01(\x0b\x32\x18.pyrsia.v1.ConsensusVoteH\x00\x12\x37\n\x0b\x63osignature\x18\x04 \x01(\x0b\x32 .pyrsia.v1.CheckpointCosignatureH\x00\x12\x10\n\x06record\x18\x05 \x01(\x0cH\x00\x12)\n\x07records\x18\x06 \x01(\x0b\x32\x16.pyrsia.v1.RecordBatchH\x00\x42\x06\n\x04\x62ody\"!\n\rStreamSummary\x12\x10\n\x08received\x18\x01 \x01(\x04\"F\n\x10GetBlocksRequest\x12\x13\n\x0b\x66rom_height\x18\x01 \x01(\x04\x12\r\n\x05limit\x18\x02 \x01(\r\x12\x0e\n\x06\x66ollow\x18\x03 \x01(\x08\"%\n\x13SubmitRecordRequest\x12\x0e\n\x06record\x18\x01 \x01(\x0c\"8\n\x14SubmitRecordResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x08\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x14SubmitRecordsRequest\x12\x0f\n\x07records\x18\x01 \x03(\x0c\"I\n\x15SubmitRecordsResponse\x12\x30\n\x07results\x18\x01 \x03(\x0b\x32\x1f.pyrsia.v1.SubmitRecordResponse*|\n\x11\x43onsensusVoteType\x12#\n\x1f\x43ONSENSUS_VOTE_TYPE_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x43ONSENSUS_VOTE_TYPE_PREVOTE\x10\x02\x12!\n\x1d\x43ONSENSUS_VOTE_TYPE_PRECOMMIT\x10\x03\x32\xbb\x02\n\tConsensus\x12\x42\n\x06Stream\x12\x1c.pyrsia.v1.ConsensusEnvelope\x1a\x18.pyrsia.v1.StreamSummary(\x01\x12\x45\n\tGetBlocks\x12\x1b.pyrsia.v1.GetBlocksRequest\x1a\x19.pyrsia.v1.CommittedBlock0\x01\x12O\n\x0cSubmitRecord\x12\x1e.pyrsia.v1.SubmitRecordRequest\x1a\x1f.pyrsia.v1.SubmitRecordResponse\x12R\n\rSubmitRecords\x12\x1f.pyrsia.v1.SubmitRecordsRequest\x1a .pyrsia.v1.SubmitRecordsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pyrsia.v1.consensus_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CONSENSUSVOTETYPE']._serialized_start=1399
-  _globals['_CONSENSUSVOTETYPE']._serialized_end=1523
+  _globals['_CONSENSUSVOTETYPE']._serialized_start=1590
+  _globals['_CONSENSUSVOTETYPE']._serialized_end=1714
   _globals['_CONSENSUSBLOCK']._serialized_start=40
   _globals['_CONSENSUSBLOCK']._serialized_end=144
   _globals['_CONSENSUSPROPOSAL']._serialized_start=147
@@ -49,16 +49,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STREAMHELLO']._serialized_end=832
   _globals['_CHECKPOINTCOSIGNATURE']._serialized_start=834
   _globals['_CHECKPOINTCOSIGNATURE']._serialized_end=955
-  _globals['_CONSENSUSENVELOPE']._serialized_start=958
-  _globals['_CONSENSUSENVELOPE']._serialized_end=1193
-  _globals['_STREAMSUMMARY']._serialized_start=1195
-  _globals['_STREAMSUMMARY']._serialized_end=1228
-  _globals['_GETBLOCKSREQUEST']._serialized_start=1230
-  _globals['_GETBLOCKSREQUEST']._serialized_end=1300
-  _globals['_SUBMITRECORDREQUEST']._serialized_start=1302
-  _globals['_SUBMITRECORDREQUEST']._serialized_end=1339
-  _globals['_SUBMITRECORDRESPONSE']._serialized_start=1341
-  _globals['_SUBMITRECORDRESPONSE']._serialized_end=1397
-  _globals['_CONSENSUS']._serialized_start=1526
-  _globals['_CONSENSUS']._serialized_end=1757
+  _globals['_RECORDBATCH']._serialized_start=957
+  _globals['_RECORDBATCH']._serialized_end=987
+  _globals['_CONSENSUSENVELOPE']._serialized_start=990
+  _globals['_CONSENSUSENVELOPE']._serialized_end=1268
+  _globals['_STREAMSUMMARY']._serialized_start=1270
+  _globals['_STREAMSUMMARY']._serialized_end=1303
+  _globals['_GETBLOCKSREQUEST']._serialized_start=1305
+  _globals['_GETBLOCKSREQUEST']._serialized_end=1375
+  _globals['_SUBMITRECORDREQUEST']._serialized_start=1377
+  _globals['_SUBMITRECORDREQUEST']._serialized_end=1414
+  _globals['_SUBMITRECORDRESPONSE']._serialized_start=1416
+  _globals['_SUBMITRECORDRESPONSE']._serialized_end=1472
+  _globals['_SUBMITRECORDSREQUEST']._serialized_start=1474
+  _globals['_SUBMITRECORDSREQUEST']._serialized_end=1513
+  _globals['_SUBMITRECORDSRESPONSE']._serialized_start=1515
+  _globals['_SUBMITRECORDSRESPONSE']._serialized_end=1588
+  _globals['_CONSENSUS']._serialized_start=1717
+  _globals['_CONSENSUS']._serialized_end=2032
 # @@protoc_insertion_point(module_scope)

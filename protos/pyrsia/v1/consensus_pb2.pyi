@@ -299,6 +299,30 @@ class CheckpointCosignature(_message.Message):
 Global___CheckpointCosignature: _TypeAlias = CheckpointCosignature  # noqa: Y015
 
 @_typing.final
+class RecordBatch(_message.Message):
+    """Records submitted to the sender, for the receiver's mempool: batched, because one
+    envelope per record costs more than the consensus it feeds.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RecordBatch: _TypeAlias = RecordBatch  # noqa: Y015
+
+@_typing.final
 class ConsensusEnvelope(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -307,6 +331,7 @@ class ConsensusEnvelope(_message.Message):
     VOTE_FIELD_NUMBER: _builtins.int
     COSIGNATURE_FIELD_NUMBER: _builtins.int
     RECORD_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
     record: _builtins.bytes
     """a record submitted to the sender, for this node's mempool"""
     @_builtins.property
@@ -317,6 +342,8 @@ class ConsensusEnvelope(_message.Message):
     def vote(self) -> Global___ConsensusVote: ...
     @_builtins.property
     def cosignature(self) -> Global___CheckpointCosignature: ...
+    @_builtins.property
+    def records(self) -> Global___RecordBatch: ...
     def __init__(
         self,
         *,
@@ -325,12 +352,13 @@ class ConsensusEnvelope(_message.Message):
         vote: Global___ConsensusVote | None = ...,
         cosignature: Global___CheckpointCosignature | None = ...,
         record: _builtins.bytes = ...,
+        records: Global___RecordBatch | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cosignature", b"cosignature", "hello", b"hello", "proposal", b"proposal", "record", b"record", "vote", b"vote"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cosignature", b"cosignature", "hello", b"hello", "proposal", b"proposal", "record", b"record", "records", b"records", "vote", b"vote"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cosignature", b"cosignature", "hello", b"hello", "proposal", b"proposal", "record", b"record", "vote", b"vote"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["body", b"body", "cosignature", b"cosignature", "hello", b"hello", "proposal", b"proposal", "record", b"record", "records", b"records", "vote", b"vote"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "proposal", "vote", "cosignature", "record"]  # noqa: Y015
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "proposal", "vote", "cosignature", "record", "records"]  # noqa: Y015
     _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
     def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
 
@@ -422,3 +450,45 @@ class SubmitRecordResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitRecordResponse: _TypeAlias = SubmitRecordResponse  # noqa: Y015
+
+@_typing.final
+class SubmitRecordsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitRecordsRequest: _TypeAlias = SubmitRecordsRequest  # noqa: Y015
+
+@_typing.final
+class SubmitRecordsResponse(_message.Message):
+    """One result per submitted record, in order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___SubmitRecordResponse]: ...
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___SubmitRecordResponse] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SubmitRecordsResponse: _TypeAlias = SubmitRecordsResponse  # noqa: Y015

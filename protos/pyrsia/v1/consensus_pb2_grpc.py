@@ -49,6 +49,11 @@ class ConsensusStub:
                 request_serializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordRequest.SerializeToString,
                 response_deserializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordResponse.FromString,
                 _registered_method=True)
+        self.SubmitRecords = channel.unary_unary(
+                '/pyrsia.v1.Consensus/SubmitRecords',
+                request_serializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsRequest.SerializeToString,
+                response_deserializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class ConsensusServicer:
@@ -76,6 +81,13 @@ class ConsensusServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitRecords(self, request, context):
+        """Offer several records at once (each admitted or refused on its own).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConsensusServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -93,6 +105,11 @@ def add_ConsensusServicer_to_server(servicer, server):
                     servicer.SubmitRecord,
                     request_deserializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordRequest.FromString,
                     response_serializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordResponse.SerializeToString,
+            ),
+            'SubmitRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.SubmitRecords,
+                    request_deserializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsRequest.FromString,
+                    response_serializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -176,6 +193,33 @@ class Consensus:
             '/pyrsia.v1.Consensus/SubmitRecord',
             pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordRequest.SerializeToString,
             pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pyrsia.v1.Consensus/SubmitRecords',
+            pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsRequest.SerializeToString,
+            pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,8 @@ class ConsensusStub:
     """
     SubmitRecord: _grpc.UnaryUnaryMultiCallable[_consensus_pb2.SubmitRecordRequest, _consensus_pb2.SubmitRecordResponse]
     """Offer a record to the mempool of pending records."""
+    SubmitRecords: _grpc.UnaryUnaryMultiCallable[_consensus_pb2.SubmitRecordsRequest, _consensus_pb2.SubmitRecordsResponse]
+    """Offer several records at once (each admitted or refused on its own)."""
 
 @_typing.type_check_only
 class ConsensusAsyncStub(ConsensusStub):
@@ -57,6 +59,8 @@ class ConsensusAsyncStub(ConsensusStub):
     """
     SubmitRecord: _aio.UnaryUnaryMultiCallable[_consensus_pb2.SubmitRecordRequest, _consensus_pb2.SubmitRecordResponse]  # type: ignore[assignment]
     """Offer a record to the mempool of pending records."""
+    SubmitRecords: _aio.UnaryUnaryMultiCallable[_consensus_pb2.SubmitRecordsRequest, _consensus_pb2.SubmitRecordsResponse]  # type: ignore[assignment]
+    """Offer several records at once (each admitted or refused on its own)."""
 
 class ConsensusServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -84,5 +88,13 @@ class ConsensusServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_consensus_pb2.SubmitRecordResponse, _abc.Awaitable[_consensus_pb2.SubmitRecordResponse]]:
         """Offer a record to the mempool of pending records."""
+
+    @_abc_1.abstractmethod
+    def SubmitRecords(
+        self,
+        request: _consensus_pb2.SubmitRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_consensus_pb2.SubmitRecordsResponse, _abc.Awaitable[_consensus_pb2.SubmitRecordsResponse]]:
+        """Offer several records at once (each admitted or refused on its own)."""
 
 def add_ConsensusServicer_to_server(servicer: ConsensusServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

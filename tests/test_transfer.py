@@ -70,6 +70,21 @@ class TamperingServicer(TransferServicer):
             yield transfer_pb2.Chunk(offset=chunk.offset, data=bytes(data), sha256=chunk.sha256)
 
 
+class SecondChunkTamperingServicer(TransferServicer):
+    """Flips a byte of the second chunk of every stream after hashing it."""
+
+    async def Read(  # noqa: N802
+        self, request: transfer_pb2.ReadRequest, context: Any
+    ) -> AsyncIterator[transfer_pb2.Chunk]:
+        index = 0
+        async for chunk in super().Read(request, context):
+            data = bytearray(chunk.data)
+            if index == 1:
+                data[0] ^= 0xFF
+            index += 1
+            yield transfer_pb2.Chunk(offset=chunk.offset, data=bytes(data), sha256=chunk.sha256)
+
+
 @dataclass
 class RunningProvider:
     provider: Provider
@@ -251,6 +266,23 @@ async def test_provider_with_consistently_wrong_bytes_is_found_by_the_whole_dige
     assert d.penalties.is_penalised(liar.provider.node_id)
     assert not d.penalties.is_penalised(honest.provider.node_id)
     assert not any(p.name.startswith(str(os.getpid())) for p in (d.store.root / "tmp").iterdir())
+
+
+async def test_corruption_the_chunk_sample_misses_is_caught_by_the_whole_digest(
+    tmp_path: Path, channels: dict[str, grpc.aio.Channel], servers: list[grpc.aio.Server]
+) -> None:
+    """Only the first chunk of a stream is hashed; the rest are covered by the blob digest."""
+    digest, data = blob(1024 * 1024, seed=7)
+    bad = await start_provider(
+        tmp_path, "bad", {digest: data}, servicer_class=SecondChunkTamperingServicer
+    )
+    good = await start_provider(tmp_path, "good", {digest: data})
+    servers.extend([bad.server, good.server])
+    d = downloader(tmp_path, channels, segment_chunks=2)
+    await d.download(digest, [bad.provider, good.provider])
+    assert await d.store.read(digest) == data
+    assert d.penalties.is_penalised(bad.provider.node_id)
+    assert not d.penalties.is_penalised(good.provider.node_id)
 
 
 async def test_nothing_partial_is_visible_when_every_provider_fails(

@@ -7,15 +7,25 @@ streams open.
 
 How bad bytes are caught (the choice, and why): without trusted per-chunk digests a single
 chunk cannot be proven right, only the whole blob can. So there are two checks.
-1. Every chunk carries the SHA-256 its provider computed over the bytes it read. A chunk
-   whose bytes do not match its own stated hash proves that provider (or the path from it)
-   corrupts data: it is dropped at once, penalised, and its segment resumes elsewhere from
-   the last chunk that did verify.
+1. Every chunk carries the SHA-256 its provider computed over the bytes it read. The
+   downloader hashes the first chunk of every Read stream (one chunk in ``segment_chunks``)
+   and compares: a mismatch proves that provider (or the path from it) corrupts data, so it
+   is dropped at once, penalised, and its segment resumes elsewhere. This check is a fast
+   path, never the safety net: a lying provider states the hash of the bytes it sends and
+   passes it anyway, and TLS already rejects bytes altered on the way. Hashing every chunk
+   would be a second full hash pass over the blob for a check that decides nothing check 2
+   does not decide; sampling keeps the quick exit for a provider that corrupts all it
+   sends (bad disk or memory after it hashed) at an eighth of the cost.
 2. The assembled blob is streamed in order into ``BlobStore.put_stream``, which hashes it
-   and makes it visible only if the digest matches. If several providers contributed and
-   the digest fails, nobody can be blamed yet, so the download is repeated one provider
-   at a time; a provider whose single-source download fails the digest is penalised.
-   Honest providers are never penalised for another's lie.
+   and makes it visible only if the digest matches. If a single provider contributed, it is
+   penalised. If several contributed and the digest fails, nobody can be blamed yet, so the
+   download is repeated one provider at a time; a provider whose single-source download
+   fails the digest is penalised. So every provider that sends wrong bytes is caught and
+   penalised, and honest providers are never penalised for another's lie; a wrong chunk
+   that check 1 did not sample costs time (a repeated download), never correctness.
+
+Providers keep the hashes of the chunks they served (``ChunkHashes``), so serving one blob
+to many downloaders hashes it once.
 
 A penalised provider is excluded from downloads until its penalty expires (``Penalties``).
 A busy provider answers RESOURCE_EXHAUSTED ("busy: ..."); it is replaced by another
@@ -94,7 +104,7 @@ class TransferMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.downloaded_bytes = Counter(
             "pyrsia_transfer_downloaded_bytes",
-            "Blob bytes received from peers and verified chunk by chunk",
+            "Blob bytes received from peers, before the whole-blob digest check",
             registry=registry,
         )
         self.uploaded_bytes = Counter(
@@ -630,10 +640,12 @@ class _Attempt:
             )
             try:
                 chunks = call.__aiter__()
+                first = True
                 while offset < end:
                     chunk = await asyncio.wait_for(anext(chunks), self.d.stall_timeout)
                     data = chunk.data
-                    await self._check(chunk.offset, data, chunk.sha256, offset, end)
+                    await self._check(chunk.offset, data, chunk.sha256, offset, end, first)
+                    first = False
                     async with self.changed:
                         self.buffer[offset] = data
                         self.chunks_by_provider[provider.node_id] = (
@@ -655,18 +667,23 @@ class _Attempt:
                 raise _ProviderFailed(provider, f"stream ended at {offset} before {end}") from exc
             finally:
                 call.cancel()
-                # Resume point: every byte before ``offset`` was verified and buffered.
+                # Resume point: every byte before ``offset`` was checked and buffered.
                 await self._give_back(offset, end)
 
     async def _check(
-        self, chunk_offset: int, data: bytes, stated: bytes, offset: int, end: int
+        self, chunk_offset: int, data: bytes, stated: bytes, offset: int, end: int, hash_it: bool
     ) -> None:
+        """Place and size of every chunk; its stated hash only when ``hash_it`` (check 1)."""
         expected = min(self.chunk_size, end - offset)
         if chunk_offset != offset or len(data) != expected:
             raise _BadChunk(
                 f"chunk at {chunk_offset} with {len(data)} bytes, expected "
                 f"{expected} bytes at {offset}"
             )
+        if len(stated) != 32:
+            raise _BadChunk(f"chunk at {offset} states a hash of {len(stated)} bytes, not 32")
+        if not hash_it:
+            return
         actual = await asyncio.to_thread(lambda: hashlib.sha256(data).digest())
         if actual != stated:
             raise _BadChunk(f"chunk at {offset} does not match its stated sha256")

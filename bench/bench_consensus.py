@@ -302,9 +302,13 @@ async def run_processes(
         rejected: list[str] = []
 
         async def submit(node: int, batch: list[bytes]) -> None:
-            response = await stubs[node].SubmitRecords(
-                pb.SubmitRecordsRequest(records=batch), timeout=30
-            )
+            try:
+                response = await stubs[node].SubmitRecords(
+                    pb.SubmitRecordsRequest(records=batch), timeout=30
+                )
+            except grpc.aio.AioRpcError as exc:  # an overloaded node: count, do not retry
+                rejected.extend(f"SubmitRecords failed: {exc.code().name}" for _ in batch)
+                return
             rejected.extend(r.reason for r in response.results if not r.accepted)
 
         # Every TICK, the records due so far go to their nodes, one SubmitRecords each.

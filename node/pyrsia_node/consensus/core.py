@@ -31,6 +31,8 @@ Invariants the core maintains, each checked by tests/test_consensus*.py:
   reported with `EquivocationFound`. It still counts towards quorums *for its own value*
   (as the paper's message sets do; at most `MAX_VALUES_PER_SLOT` values per key), because
   otherwise an equivocator can show honest nodes different first votes and stall them.
+* Block validity: every record is pending here (checked with `record_valid` when it was
+  submitted) or passes `record_valid` now and is not `record_committed` (already in the log).
 * Validator sets come from `ChainState`: a governance record committed at H changes the set
   from H + 2, decoded by the injected `validator_set_change`.
 

@@ -13,6 +13,12 @@ the actions it returns, in order:
 * `Broadcast` goes to every other authority through the transport; `RequestSync` fetches
   committed blocks from a peer and feeds them back as `CommitReceived`.
 
+Records submitted to this node are gossiped to every other authority in one
+`RecordBatch` per event-loop turn; a record event whose record has left the mempool
+(committed meanwhile) never reaches the core, so no record is proposed twice, and the core
+refuses a block repeating a record the log holds. With `registry`, the metrics of
+`pyrsia_node.consensus.metrics` are registered there.
+
 Nodes that are not validators (peers) run the same core as followers: they never sign,
 open no consensus streams and follow the chain with `GetBlocks(follow=True)`, accepting a
 block only with a commit certificate of a quorum of that height's validator set.

@@ -301,3 +301,19 @@ async def test_200_mib_layer_is_streamed_and_verified(
     )
     assert_acquired_exactly(store, big_image, acquisition.image.digests)
     assert max(b.size for b in acquisition.image.blobs) > BIG_LAYER_BYTES
+
+
+async def test_upstream_egress_is_counted_byte_for_byte(
+    upstream_registry: UpstreamRegistry,
+    seeded_images: SeededImages,
+    session: aiohttp.ClientSession,
+    store: BlobStore,
+) -> None:
+    """Every body byte read from the upstream reaches ``on_bytes`` exactly once."""
+    counted: list[int] = []
+    upstream = Upstream("upstream.test", upstream_registry.url, insecure=True)
+    client = UpstreamClient(upstream, session, on_bytes=counted.append)
+    acquisition = await acquire_image(
+        client, store, seeded_images.multilayer.repository, "1.0", Identity.generate()
+    )
+    assert sum(counted) == sum(a.size for a in acquisition.image.artifacts)

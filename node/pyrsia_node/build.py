@@ -38,6 +38,7 @@ from typing import Any, Literal
 
 import aiohttp
 import grpc
+from prometheus_client import CollectorRegistry, Counter
 from pyrsia.v1 import build_pb2, build_pb2_grpc
 
 from pyrsia_node.acquire import AcquireError, FetchPolicy, UpstreamClient, acquire_image
@@ -268,7 +269,13 @@ class ImageAcquirer:
         upstreams: Mapping[str, Upstream],
         announce: Callable[[str], Awaitable[None]],
         policy: FetchPolicy | None = None,
+        registry: CollectorRegistry | None = None,
     ) -> None:
+        self._upstream_bytes = Counter(
+            "pyrsia_acquire_upstream_bytes",
+            "Bytes this authority read from upstream registries",
+            registry=registry,
+        )
         self._identity = identity
         self._store = store
         self._upstreams = dict(upstreams)
@@ -297,7 +304,9 @@ class ImageAcquirer:
             )
         if self._session is None:
             self._session = aiohttp.ClientSession()
-        client = UpstreamClient(upstream, self._session, policy=self._policy)
+        client = UpstreamClient(
+            upstream, self._session, policy=self._policy, on_bytes=self._upstream_bytes.inc
+        )
         acquisition = await acquire_image(client, self._store, repository, tag, self._identity)
         digests = [a.digest for a in acquisition.image.artifacts]
         results = await asyncio.gather(

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 from aiohttp import web
+from prometheus_client import CollectorRegistry, Counter
 
 from pyrsia_node.attestation import AcquiredImage
 from pyrsia_node.store import BlobNotFound, BlobStore
@@ -192,6 +193,7 @@ class _Mirror:
         build_timeout: float,
         default_registry: str,
         fetch: Fetch | None,
+        metrics: RegistryMetrics,
     ) -> None:
         self.fetch = fetch
         self.catalog = catalog
@@ -201,6 +203,7 @@ class _Mirror:
         self.build_timeout = build_timeout
         self.default_registry = default_registry
         self.builds: dict[BuildRequest, asyncio.Task[None]] = {}
+        self.metrics = metrics
 
     async def dispatch(self, request: web.Request) -> web.StreamResponse:
         head = request.method == "HEAD"
@@ -258,7 +261,11 @@ class _Mirror:
 
     async def _make_present(self, name: RepositoryName, digest: str, code: str, head: bool) -> None:
         """Fetch committed content missing from the store, if a ``fetch`` was given."""
-        if self.fetch is None or self.store.has(digest):
+        if self.store.has(digest):
+            self.metrics.cache_hits.inc()
+            return
+        self.metrics.cache_misses.inc()
+        if self.fetch is None:
             return
         try:
             await self.fetch(digest)
@@ -389,7 +396,46 @@ def routes(
     build_timeout: float = 60.0,
     default_registry: str = "docker.io",
     fetch: Fetch | None = None,
+    metrics_registry: CollectorRegistry | None = None,
 ) -> list[web.RouteDef]:
     """Route definitions for the pull API; add them to the node's HTTP application."""
-    mirror = _Mirror(catalog, store, mode, request_build, build_timeout, default_registry, fetch)
-    return [web.get("/v2/{path:.*}", mirror.dispatch, allow_head=True)]
+    metrics = RegistryMetrics(metrics_registry)
+    mirror = _Mirror(
+        catalog, store, mode, request_build, build_timeout, default_registry, fetch, metrics
+    )
+
+    async def counted(request: web.Request) -> web.StreamResponse:
+        try:
+            response = await mirror.dispatch(request)
+        except web.HTTPException as exc:
+            metrics.requests.labels(str(exc.status)).inc()
+            raise
+        except Exception:
+            metrics.requests.labels("500").inc()
+            raise
+        metrics.requests.labels(str(response.status)).inc()
+        return response
+
+    return [web.get("/v2/{path:.*}", counted, allow_head=True)]
+
+
+class RegistryMetrics:
+    """Pull API counters; labels carry only the HTTP status code, never names or digests."""
+
+    def __init__(self, registry: CollectorRegistry | None) -> None:
+        self.requests = Counter(
+            "pyrsia_registry_requests",
+            "OCI pull API requests by HTTP status code",
+            ["code"],
+            registry=registry,
+        )
+        self.cache_hits = Counter(
+            "pyrsia_registry_cache_hits",
+            "Committed manifests and blobs served from this node's store as they were",
+            registry=registry,
+        )
+        self.cache_misses = Counter(
+            "pyrsia_registry_cache_misses",
+            "Committed manifests and blobs this node had to fetch from the network first",
+            registry=registry,
+        )

@@ -115,7 +115,11 @@ class Node:
         if config.role == "authority":
             self.distribution.origin = self._not_acquired
             self.acquirer = ImageAcquirer(
-                self.identity, self.store, self._upstreams(), self.distribution.announce
+                self.identity,
+                self.store,
+                self._upstreams(),
+                self.distribution.announce,
+                registry=self.metrics.registry,
             )
             self.builds = BuildCoordinator(
                 self.identity.node_id,
@@ -284,6 +288,7 @@ class Node:
             request_build=registry_builds(self.build_client, self.catalog.wait_indexed),
             build_timeout=self.config.build_timeout,
             fetch=self._fetch_for_registry,
+            metrics_registry=self.metrics.registry,
         )
         app = api.build_app(
             self.status,

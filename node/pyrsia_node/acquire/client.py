@@ -78,8 +78,11 @@ class UpstreamClient:
         policy: FetchPolicy | None = None,
         sleep: Sleep = asyncio.sleep,
         rng: random.Random | None = None,
+        on_bytes: Callable[[int], None] | None = None,
     ) -> None:
         self.upstream = upstream
+        # Told the size of every body chunk read from the upstream (egress accounting).
+        self._on_bytes = on_bytes
         self.policy = policy or FetchPolicy()
         self._session = session
         self._sleep = sleep
@@ -130,6 +133,7 @@ class UpstreamClient:
                 )
             data = bytearray()
             async for chunk in response.content.iter_chunked(64 << 10):
+                self._count(chunk)
                 data += chunk
                 if len(data) > limit:
                     raise SizeLimitExceeded(
@@ -155,7 +159,16 @@ class UpstreamClient:
                     f"({url}); the upstream image is incomplete"
                 )
             _expect_ok(response, url, await _snippet(response))
-            yield response.content.iter_chunked(_CHUNK)
+            yield self._counted(response.content.iter_chunked(_CHUNK))
+
+    def _count(self, chunk: bytes) -> None:
+        if self._on_bytes is not None:
+            self._on_bytes(len(chunk))
+
+    async def _counted(self, chunks: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            self._count(chunk)
+            yield chunk
 
     @asynccontextmanager
     async def _request(

@@ -23,6 +23,8 @@ Each record is a canonical ledger artifact record carrying one DSSE attestation 
 in-toto statement and an Ed25519 signature, as authorities produce them.
 
 Usage: .venv/bin/python bench/bench_consensus.py --authorities 4 --rate 3000 --seconds 10
+(add ``--node-config defaults`` to run the nodes with the `ConsensusConfig` defaults instead
+of server.py's consensus timeouts; see `DEFAULTS_SHIM`).
 """
 
 from __future__ import annotations
@@ -31,13 +33,16 @@ import argparse
 import asyncio
 import datetime as dt
 import json
+import os
 import random
 import socket
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import TextIO
 
 import grpc
 from pyrsia.v1 import consensus_pb2 as pb
@@ -64,6 +69,18 @@ from pyrsia_node.merkle import leaf_hash
 CHAIN = "pyrsia-bench"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 TICK = 0.01  # seconds between submission batches in processes mode
+
+# `--node-config defaults` starts each node through this shim: the node exactly as
+# `python -m pyrsia_node node` runs it, except that server.py's consensus override
+# (`Timeouts(commit=0.2)`, which predates the empty-block wait) gives way to the
+# `ConsensusConfig` defaults, as server.py will wire it once the override is removed.
+DEFAULTS_SHIM = """
+import sys
+from pyrsia_node import consensus, server
+from pyrsia_node.cli import main
+server.Timeouts = lambda **_: consensus.Timeouts()
+sys.exit(main(sys.argv[1:]))
+"""
 
 
 def make_record(index: int, signer: Identity) -> bytes:
@@ -240,9 +257,28 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[int(fraction * (len(sorted_values) - 1))]
 
 
+def start_nodes(net: LocalNetwork, node_config: str, logs: list[TextIO]) -> None:
+    if node_config == "server":
+        net.start()
+        return
+    for node in net.nodes:
+        log = (node.data_dir / "node.log").open("a")
+        logs.append(log)
+        net.processes[node.name] = subprocess.Popen(
+            [
+                *(sys.executable, "-c", DEFAULTS_SHIM, "node"),
+                *("--config", str(node.config_file), "--parent-pid", str(os.getpid())),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+
+
 async def run_processes(
-    authorities: int, rate: float, seconds: float, root: Path
-) -> dict[str, float]:
+    authorities: int, rate: float, seconds: float, root: Path, node_config: str = "server"
+) -> dict[str, float | str]:
     net = LocalNetwork(
         root / "net",
         Shape(
@@ -270,7 +306,8 @@ async def run_processes(
     committed = 0
     blocks = 0
     last_commit = 0.0
-    net.start()
+    logs: list[TextIO] = []
+    start_nodes(net, node_config, logs)
     try:
         net.wait_connected(timeout=60)
         channels = [
@@ -335,15 +372,18 @@ async def run_processes(
             task.cancel()
         await asyncio.gather(*followers, return_exceptions=True)
         for channel in channels:
-            await channel.close()
+            await channel.close(None)
     finally:
         net.stop()
+        for log in logs:
+            log.close()
     latencies.sort()
     mean_block = committed / blocks if blocks else 1.0
     reference = reference_append(records, max(1, round(mean_block)), root)
     throughput = committed / (last_commit - start) if committed else 0.0
     return {
         "mode": "processes",
+        "node_config": node_config,
         "authorities": authorities,
         "offered_per_second": rate,
         "achieved_offer_per_second": total / offered_for,
@@ -366,10 +406,23 @@ def main() -> None:
     parser.add_argument("--authorities", type=int, default=4)
     parser.add_argument("--rate", type=float, default=3000, help="records offered per second")
     parser.add_argument("--seconds", type=float, default=10)
+    parser.add_argument(
+        "--node-config",
+        choices=("server", "defaults"),
+        default="server",
+        help="processes mode: consensus timeouts as server.py sets them, or the defaults",
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pyrsia-bench-") as tmp:
-        runner = run_processes if args.mode == "processes" else run
-        result = asyncio.run(runner(args.authorities, args.rate, args.seconds, Path(tmp)))
+        result: dict[str, float | str]
+        if args.mode == "processes":
+            result = asyncio.run(
+                run_processes(
+                    args.authorities, args.rate, args.seconds, Path(tmp), args.node_config
+                )
+            )
+        else:
+            result = dict(asyncio.run(run(args.authorities, args.rate, args.seconds, Path(tmp))))
     json.dump(result, sys.stdout, indent=2)
     print()
 

@@ -14,6 +14,7 @@ from pyrsia_node.cli.genesis_cmd import parse_upstream
 from pyrsia_node.localnet import LocalNetwork, LocalNetworkError, Shape
 
 DEFAULT_DATA_DIR = Path(".pyrsia-local")
+DOCKER_HUB = "docker.io=https://registry-1.docker.io"
 
 
 def register(sub: Any) -> None:
@@ -23,7 +24,13 @@ def register(sub: Any) -> None:
     parser.add_argument("--base-port", type=int, default=17800)
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
-    parser.add_argument("--upstream", type=parse_upstream, action="append", default=[])
+    parser.add_argument(
+        "--upstream",
+        type=parse_upstream,
+        action="append",
+        default=[],
+        help=f"NAME=URL of a registry authorities fetch from (repeatable; default {DOCKER_HUB})",
+    )
     parser.add_argument("--attestation-threshold", type=int, default=None)
     parser.add_argument("--fresh", action="store_true", help="replace an existing network")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for health")
@@ -45,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
         args.peers,
         args.base_port,
         args.host,
-        tuple(args.upstream),
+        tuple(args.upstream) or (parse_upstream(DOCKER_HUB),),
         args.attestation_threshold,
     )
     try:

@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pyrsia.v1 import consensus_pb2 as pb
 from pyrsia.v1 import consensus_pb2_grpc as pb_grpc
-from pyrsia_node.consensus import ConsensusConfig, Timeouts
+from pyrsia_node.consensus import ConsensusConfig, RecordSubmitted, Timeouts
 from pyrsia_node.consensus.blocks import BlockStore
 from pyrsia_node.consensus.mempool import RecordRejected
 from pyrsia_node.consensus.service import (
@@ -425,3 +425,26 @@ async def test_validator_without_write_ahead_state_starts_guarded(tmp_path: Path
         await fresh.stop()
         for n in nodes:
             await n.server.stop(None)
+
+
+async def test_a_record_event_that_arrives_after_its_commit_is_not_proposed_again(
+    tmp_path: Path,
+) -> None:
+    """The race behind duplicate log entries: a record's event is still queued when a
+    block holding the record commits. Replayed here on a lone authority by queueing the
+    event a second time (as a late gossip copy admitted before the commit would be)."""
+    node = await make_node(tmp_path, "authority-0")
+    genesis = make_genesis([node])
+    initialize_state(node.directory / "consensus")
+    service = await start(node, genesis)
+    try:
+        assert node.ledger is not None
+        ledger = node.ledger
+        service.submit(record(7))
+        service._events.put_nowait(RecordSubmitted(record(7)))
+        service.submit(record(8))
+        await wait_for(lambda: ledger.size >= 2)
+        await asyncio.sleep(0.5)
+        assert sorted(ledger.entry(i) for i in range(ledger.size)) == [record(7), record(8)]
+    finally:
+        await stop(node)

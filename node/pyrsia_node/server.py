@@ -40,7 +40,7 @@ from pyrsia_node.build import (
 )
 from pyrsia_node.catalog import LedgerCatalog
 from pyrsia_node.config import NodeConfig
-from pyrsia_node.consensus import ConsensusConfig, Timeouts
+from pyrsia_node.consensus import ConsensusConfig
 from pyrsia_node.consensus.messages import Block, CommitCertificate
 from pyrsia_node.consensus.service import ConsensusService, GrpcTransport
 from pyrsia_node.distribution import BlobUnavailable, attach
@@ -98,9 +98,8 @@ class Node:
                 self.channel,
                 lambda: int(time.time() * 1000),
             ),
-            # A short pause after each commit lets a block gather the records submitted
-            # meanwhile and keeps a lone authority from committing in a busy loop.
-            config=ConsensusConfig(self.genesis.chain_id, timeouts=Timeouts(commit=0.2)),
+            config=ConsensusConfig(self.genesis.chain_id),
+            registry=self.metrics.registry,
             record_valid=record_validator(self._validators, self._threshold),
             on_commit=self._on_commit,
         )

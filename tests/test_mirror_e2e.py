@@ -283,6 +283,43 @@ def test_cli_builds_follows_and_finds_the_record_in_the_log(mirror: Mirror) -> N
     assert row["attestations"] >= 3
 
 
+def test_a_committed_record_verifies_offline_from_a_saved_bundle(
+    mirror: Mirror, tmp_path: Path
+) -> None:
+    """A record's proof bundle, fetched from an authority, verifies with no node involved
+    against the genesis authorities; a single flipped bit in the record is caught."""
+    node = mirror.http("authority-0")
+    started = pyrsia("build", "docker", "--image", "test/multilayer:1.0", "--node", node)
+    assert started.returncode == 0, started.stderr
+    done = wait_build(node, started.stdout.strip())
+    assert done["state"] == "done", done
+    # The checkpoint covering the record is cosigned after the block commits.
+    deadline = time.monotonic() + 15
+    while True:
+        saved = pyrsia(
+            "bundle", "--node", node, "--index", str(done["ledger_index"]), "--out",
+            str(tmp_path / "bundle.json"),
+        )  # fmt: skip
+        assert saved.returncode == 0, saved.stderr
+        bundle = json.loads((tmp_path / "bundle.json").read_text())
+        size = int(bundle["checkpoint"].splitlines()[1])
+        if size > done["ledger_index"]:
+            break
+        assert time.monotonic() < deadline, "no checkpoint covers the record yet"
+        time.sleep(0.3)
+    genesis = str(mirror.network.root / "genesis.json")
+    verified = pyrsia("verify", str(tmp_path / "bundle.json"), "--genesis", genesis)
+    assert verified.returncode == 0, verified.stderr
+    assert "OK: docker.io/test/multilayer:1.0" in verified.stdout
+    record = bytearray(base64.b64decode(bundle["record"]))
+    record[-1] ^= 1
+    bundle["record"] = base64.b64encode(bytes(record)).decode()
+    (tmp_path / "tampered.json").write_text(json.dumps(bundle))
+    tampered = pyrsia("verify", str(tmp_path / "tampered.json"), "--genesis", genesis)
+    assert tampered.returncode == 1
+    assert "verification FAILED" in tampered.stderr
+
+
 def test_an_upstream_serving_wrong_bytes_is_rejected_and_nothing_is_served(
     mirror: Mirror, tmp_path: Path
 ) -> None:

@@ -293,7 +293,7 @@ class Node:
             self.status,
             self.ready,
             [
-                *ledger_routes(self.ledger),
+                *ledger_routes(self.ledger, self.consensus.authorities),
                 *consensus_routes(self.consensus),
                 *build_routes(self.build_client),
                 *mirror,

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
-from collections.abc import Callable
+import json
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from aiohttp import web
 
+from pyrsia_node.ledger.bundle import BundleError, ProofBundle
 from pyrsia_node.ledger.log import EntryNotFound, TransparencyLog
 from pyrsia_node.ledger.records import RecordError, decode_record
 from pyrsia_node.merkle import leaf_hash
@@ -61,8 +63,15 @@ def entry_json(index: int, data: bytes) -> dict[str, Any]:
     return body
 
 
-def routes(ledger: TransparencyLog) -> list[web.RouteDef]:
-    """The log's routes; mount with ``app.add_routes(routes(ledger))``."""
+def routes(
+    ledger: TransparencyLog,
+    authorities: Callable[[], Sequence[tuple[str, bytes]]] | None = None,
+) -> list[web.RouteDef]:
+    """The log's routes; mount with ``app.add_routes(routes(ledger))``.
+
+    With ``authorities`` (the (name, public key) pairs in force now) the log also hands out
+    offline proof bundles for ``pyrsia verify``: ``GET /api/v1/log/bundle?index=N``.
+    """
 
     async def call(fn: Callable[[], _T]) -> _T:
         return await asyncio.to_thread(fn)
@@ -77,6 +86,8 @@ def routes(ledger: TransparencyLog) -> list[web.RouteDef]:
                 return _error(400, str(exc))
             except EntryNotFound as exc:
                 return _error(404, str(exc))
+            except BundleError as exc:
+                return _error(409, str(exc))
             return web.json_response(body)
 
         return wrapped
@@ -152,7 +163,21 @@ def routes(ledger: TransparencyLog) -> list[web.RouteDef]:
 
         return {"package_id": package_id, "records": await call(search)}
 
+    async def bundle(request: web.Request) -> dict[str, Any]:
+        index = _int_param(request, "index")
+        assert authorities is not None
+        signers = list(authorities())
+
+        def build() -> dict[str, Any]:
+            made = ProofBundle.from_log(ledger, index, signers)
+            document: dict[str, Any] = json.loads(made.to_json())
+            return document
+
+        return await call(build)
+
+    bundle_routes = [] if authorities is None else [web.get(f"{PREFIX}/bundle", handler(bundle))]
     return [
+        *bundle_routes,
         web.get(f"{PREFIX}/checkpoint", handler(checkpoint)),
         web.get(f"{PREFIX}/entries/{{index}}", handler(entry)),
         web.get(f"{PREFIX}/proof/inclusion", handler(inclusion)),

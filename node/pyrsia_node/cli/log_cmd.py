@@ -69,6 +69,22 @@ def register(sub: Any) -> None:
     )
     verify.set_defaults(handler=run_verify)
 
+    bundle = sub.add_parser(
+        "bundle", help="save an offline proof bundle for a log entry (for 'pyrsia verify')"
+    )
+    bundle.add_argument("--node", default=DEFAULT_NODE, help="node admin URL")
+    bundle.add_argument("--index", type=int, required=True, help="the entry's index in the log")
+    bundle.add_argument("--out", type=Path, required=True, help="file to write the bundle to")
+    bundle.set_defaults(handler=run_bundle)
+
+
+def run_bundle(args: argparse.Namespace) -> int:
+    url = f"{args.node.rstrip('/')}/api/v1/log/bundle?index={args.index}"
+    document = _fetch(url)
+    args.out.write_text(json.dumps(document, indent=2) + "\n")
+    print(f"bundle for entry {args.index} written to {args.out}")
+    return 0
+
 
 def _package_id(args: argparse.Namespace) -> str:
     from pyrsia_node.ledger.records import RecordError, docker_package_id, maven_package_id

@@ -326,6 +326,13 @@ class ConsensusService:
         chain = self.core.chain
         return key in chain.validators or key in chain.next_validators
 
+    def authorities(self) -> list[tuple[str, bytes]]:
+        """(name, public key) of the validators in force now: who cosigns checkpoints."""
+        return [
+            (self._names.get(key, key.hex()[:16]), key)
+            for key in self.core.chain.validators.validators
+        ]
+
     def status(self) -> dict[str, object]:
         core = self.core
         return {

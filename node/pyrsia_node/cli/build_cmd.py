@@ -7,13 +7,11 @@ import argparse
 import json
 import sys
 import time
-import urllib.error
-import urllib.request
 from typing import Any
 
+from pyrsia_node.cli.admin import DEFAULT_NODE, call
 from pyrsia_node.cli.errors import CliError
 
-DEFAULT_NODE = "http://127.0.0.1:17800"
 POLL_SECONDS = 0.5
 
 
@@ -35,31 +33,8 @@ def register(sub: Any) -> None:
     status.set_defaults(handler=run_status)
 
 
-def _call(url: str, body: dict[str, Any] | None = None) -> Any:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json"} if data else {}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.load(exc).get("error", exc.reason)
-        except (ValueError, AttributeError):
-            message = exc.reason
-        raise CliError(f"node answered {exc.code}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        node = url.split("/api/", maxsplit=1)[0]
-        raise CliError(
-            f"cannot reach the node at {node}: {reason}; is it running? "
-            "(pass --node http://HOST:PORT)"
-        ) from None
-
-
 def run_docker(args: argparse.Namespace) -> int:
-    body = _call(
+    body = call(
         f"{args.node.rstrip('/')}/api/v1/builds", {"package_type": "docker", "image": args.image}
     )
     print(body["id"])
@@ -84,7 +59,7 @@ def run_status(args: argparse.Namespace) -> int:
     deadline = time.monotonic() + args.timeout
     shown: tuple[str, str] | None = None
     while True:
-        status = _call(url)
+        status = call(url)
         finished = status["state"] in ("done", "failed")
         if args.format == "text" and (status["state"], status["message"]) != shown:
             shown = (status["state"], status["message"])

@@ -14,9 +14,9 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from pyrsia_node.cli.admin import DEFAULT_NODE, call
 from pyrsia_node.cli.errors import CliError
 
-DEFAULT_NODE = "http://127.0.0.1:17800"
 FIELDS = (
     "index",
     "package_type",
@@ -80,7 +80,7 @@ def register(sub: Any) -> None:
 
 def run_bundle(args: argparse.Namespace) -> int:
     url = f"{args.node.rstrip('/')}/api/v1/log/bundle?index={args.index}"
-    document = _fetch(url)
+    document = call(url)
     args.out.write_text(json.dumps(document, indent=2) + "\n")
     print(f"bundle for entry {args.index} written to {args.out}")
     return 0
@@ -95,25 +95,6 @@ def _package_id(args: argparse.Namespace) -> str:
         return maven_package_id(args.gav)
     except RecordError as exc:
         raise CliError(str(exc)) from None
-
-
-def _fetch(url: str) -> Any:
-    try:
-        with urllib.request.urlopen(url, timeout=30) as response:
-            return json.load(response)
-    except urllib.error.HTTPError as exc:
-        try:
-            message = json.load(exc).get("error", exc.reason)
-        except (ValueError, AttributeError):
-            message = exc.reason
-        raise CliError(f"node answered {exc.code}: {message}") from None
-    except (urllib.error.URLError, OSError) as exc:
-        reason = getattr(exc, "reason", exc)
-        node = url.split("/api/", maxsplit=1)[0]
-        raise CliError(
-            f"cannot reach the node at {node}: {reason}; is it running? "
-            "(pass --node http://HOST:PORT)"
-        ) from None
 
 
 def row(entry: dict[str, Any]) -> dict[str, Any]:
@@ -156,7 +137,7 @@ def render(rows: list[dict[str, Any]], fields: tuple[str, ...], fmt: str) -> str
 def run_inspect(args: argparse.Namespace) -> int:
     package_id = _package_id(args)
     query = urllib.parse.urlencode({"package_id": package_id, "limit": args.limit})
-    body = _fetch(f"{args.node.rstrip('/')}/api/v1/log/records?{query}")
+    body = call(f"{args.node.rstrip('/')}/api/v1/log/records?{query}")
     rows = [row(e) for e in body.get("records", [])]
     if not rows and args.format == "table":
         print(f"no records for {package_id} in the log", file=sys.stderr)

@@ -1,0 +1,40 @@
+"""The CLI's client for a node's admin HTTP API: JSON in, JSON out, one-line errors."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+from typing import Any
+
+from pyrsia_node.cli.errors import CliError
+
+DEFAULT_NODE = "http://127.0.0.1:17800"
+
+
+def call(url: str, body: dict[str, Any] | None = None) -> Any:
+    """GET ``url`` (or POST ``body`` as JSON) and return the decoded JSON answer.
+
+    An error status becomes a ``CliError`` carrying the node's own ``error`` message; an
+    unreachable node becomes one that says how to point the CLI at another.
+    """
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        url, data=data, headers={"Content-Type": "application/json"} if data else {}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        try:
+            message = json.load(exc).get("error", exc.reason)
+        except (ValueError, AttributeError):
+            message = exc.reason
+        raise CliError(f"node answered {exc.code}: {message}") from None
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        node = url.split("/api/", maxsplit=1)[0]
+        raise CliError(
+            f"cannot reach the node at {node}: {reason}; is it running? "
+            "(pass --node http://HOST:PORT)"
+        ) from None

@@ -388,6 +388,9 @@ def test_commits_continue_without_a_killed_authority_and_it_catches_up(
             30,
             lambda: f"authority-3 at {network.height('authority-3')}, others at {target}",
         )
+        # On a loaded machine the phases above can pass quickly; keep feeding until enough
+        # records went through the restarted network for the checks below to mean something.
+        wait_until(lambda: feeder.accepted > 20, 30, lambda: f"{feeder.accepted} accepted")
     assert feeder.accepted > 20
     everyone = (*AUTHORITIES, "peer-0")
     settle_to_one_state(network, everyone, 30)

@@ -22,9 +22,12 @@ Reported:
 Each record is a canonical ledger artifact record carrying one DSSE attestation with an
 in-toto statement and an Ed25519 signature, as authorities produce them.
 
+* CPU: the node processes' user + system CPU seconds from the first offer to the last
+  commit, per committed record and authority (``cpu_ms_per_record_per_authority``), a
+  figure that depends less on how busy the shared machine was than records per second.
+
 Usage: .venv/bin/python bench/bench_consensus.py --authorities 4 --rate 3000 --seconds 10
-(add ``--node-config defaults`` to run the nodes with the `ConsensusConfig` defaults instead
-of server.py's consensus timeouts; see `DEFAULTS_SHIM`).
+(add ``--profile DIR`` to sample every node with py-spy while records are offered).
 """
 
 from __future__ import annotations
@@ -42,7 +45,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import TextIO
 
 import grpc
 from pyrsia.v1 import consensus_pb2 as pb
@@ -69,18 +71,6 @@ from pyrsia_node.merkle import leaf_hash
 CHAIN = "pyrsia-bench"
 MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 TICK = 0.01  # seconds between submission batches in processes mode
-
-# `--node-config defaults` starts each node through this shim: the node exactly as
-# `python -m pyrsia_node node` runs it, except that server.py's consensus override
-# (`Timeouts(commit=0.2)`, which predates the empty-block wait) gives way to the
-# `ConsensusConfig` defaults, as server.py will wire it once the override is removed.
-DEFAULTS_SHIM = """
-import sys
-from pyrsia_node import consensus, server
-from pyrsia_node.cli import main
-server.Timeouts = lambda **_: consensus.Timeouts()
-sys.exit(main(sys.argv[1:]))
-"""
 
 
 def make_record(index: int, signer: Identity) -> bytes:
@@ -257,27 +247,38 @@ def percentile(sorted_values: list[float], fraction: float) -> float:
     return sorted_values[int(fraction * (len(sorted_values) - 1))]
 
 
-def start_nodes(net: LocalNetwork, node_config: str, logs: list[TextIO]) -> None:
-    if node_config == "server":
-        net.start()
-        return
-    for node in net.nodes:
-        log = (node.data_dir / "node.log").open("a")
-        logs.append(log)
-        net.processes[node.name] = subprocess.Popen(
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds `pid` has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def start_profilers(
+    net: LocalNetwork, directory: Path, seconds: float
+) -> list[subprocess.Popen[bytes]]:
+    """One `py-spy record` per node for `seconds` (collapsed stacks, GIL holders only)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    spy = Path(sys.executable).with_name("py-spy")
+    return [
+        subprocess.Popen(
             [
-                *(sys.executable, "-c", DEFAULTS_SHIM, "node"),
-                *("--config", str(node.config_file), "--parent-pid", str(os.getpid())),
+                *(str(spy), "record", "--format", "raw", "--gil", "--nonblocking"),
+                *("--duration", str(int(seconds)), "--pid", str(process.pid)),
+                *("--output", str(directory / f"{name}.txt")),
             ],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
+        for name, process in net.processes.items()
+    ]
 
 
 async def run_processes(
-    authorities: int, rate: float, seconds: float, root: Path, node_config: str = "server"
+    authorities: int,
+    rate: float,
+    seconds: float,
+    root: Path,
+    profile: Path | None = None,
 ) -> dict[str, float | str]:
     net = LocalNetwork(
         root / "net",
@@ -306,8 +307,7 @@ async def run_processes(
     committed = 0
     blocks = 0
     last_commit = 0.0
-    logs: list[TextIO] = []
-    start_nodes(net, node_config, logs)
+    net.start()
     try:
         net.wait_connected(timeout=60)
         channels = [
@@ -348,6 +348,9 @@ async def run_processes(
                 return
             rejected.extend(r.reason for r in response.results if not r.accepted)
 
+        pids = [net.processes[name].pid for name in names]
+        cpu_before = [cpu_seconds(pid) for pid in pids]
+        profilers = [] if profile is None else start_profilers(net, profile, seconds)
         # Every TICK, the records due so far go to their nodes, one SubmitRecords each.
         start = time.perf_counter()
         tasks = []
@@ -368,6 +371,9 @@ async def run_processes(
         deadline = time.perf_counter() + 60
         while committed < total - len(rejected) and time.perf_counter() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+        cpu = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
+        for profiler in profilers:
+            profiler.wait()
         for task in followers:
             task.cancel()
         await asyncio.gather(*followers, return_exceptions=True)
@@ -375,15 +381,12 @@ async def run_processes(
             await channel.close(None)
     finally:
         net.stop()
-        for log in logs:
-            log.close()
     latencies.sort()
     mean_block = committed / blocks if blocks else 1.0
     reference = reference_append(records, max(1, round(mean_block)), root)
     throughput = committed / (last_commit - start) if committed else 0.0
     return {
         "mode": "processes",
-        "node_config": node_config,
         "authorities": authorities,
         "offered_per_second": rate,
         "achieved_offer_per_second": total / offered_for,
@@ -395,6 +398,8 @@ async def run_processes(
         "records_per_second": throughput,
         "latency_p50_ms": 1000 * percentile(latencies, 0.5),
         "latency_p99_ms": 1000 * percentile(latencies, 0.99),
+        "node_cpu_seconds": sum(cpu),
+        "cpu_ms_per_record_per_authority": 1000 * sum(cpu) / authorities / max(committed, 1),
         "reference_log_append_per_second": reference,
         "ratio_to_reference": throughput / reference,
     }
@@ -407,10 +412,9 @@ def main() -> None:
     parser.add_argument("--rate", type=float, default=3000, help="records offered per second")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument(
-        "--node-config",
-        choices=("server", "defaults"),
-        default="server",
-        help="processes mode: consensus timeouts as server.py sets them, or the defaults",
+        "--profile",
+        type=Path,
+        help="processes mode: py-spy each node while records are offered, into this directory",
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pyrsia-bench-") as tmp:
@@ -418,7 +422,11 @@ def main() -> None:
         if args.mode == "processes":
             result = asyncio.run(
                 run_processes(
-                    args.authorities, args.rate, args.seconds, Path(tmp), args.node_config
+                    args.authorities,
+                    args.rate,
+                    args.seconds,
+                    Path(tmp),
+                    args.profile,
                 )
             )
         else:

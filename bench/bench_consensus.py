@@ -38,6 +38,7 @@ import datetime as dt
 import json
 import os
 import random
+import signal
 import socket
 import statistics
 import subprocess
@@ -253,17 +254,15 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def start_profilers(
-    net: LocalNetwork, directory: Path, seconds: float
-) -> list[subprocess.Popen[bytes]]:
-    """One `py-spy record` per node for `seconds` (collapsed stacks, GIL holders only)."""
+def start_profilers(net: LocalNetwork, directory: Path) -> list[subprocess.Popen[bytes]]:
+    """One `py-spy record` per node (collapsed stacks, GIL holders only) until SIGINT."""
     directory.mkdir(parents=True, exist_ok=True)
     spy = Path(sys.executable).with_name("py-spy")
     return [
         subprocess.Popen(
             [
                 *(str(spy), "record", "--format", "raw", "--gil", "--nonblocking"),
-                *("--duration", str(int(seconds)), "--pid", str(process.pid)),
+                *("--pid", str(process.pid)),
                 *("--output", str(directory / f"{name}.txt")),
             ],
             stdout=subprocess.DEVNULL,
@@ -350,7 +349,7 @@ async def run_processes(
 
         pids = [net.processes[name].pid for name in names]
         cpu_before = [cpu_seconds(pid) for pid in pids]
-        profilers = [] if profile is None else start_profilers(net, profile, seconds)
+        profilers = [] if profile is None else start_profilers(net, profile)
         # Every TICK, the records due so far go to their nodes, one SubmitRecords each.
         start = time.perf_counter()
         tasks = []
@@ -373,7 +372,9 @@ async def run_processes(
             await asyncio.sleep(0.05)
         cpu = [cpu_seconds(pid) - before for pid, before in zip(pids, cpu_before, strict=True)]
         for profiler in profilers:
-            profiler.wait()
+            profiler.send_signal(signal.SIGINT)
+        for profiler in profilers:
+            profiler.wait(timeout=30)
         for task in followers:
             task.cancel()
         await asyncio.gather(*followers, return_exceptions=True)

@@ -27,6 +27,7 @@ from pyrsia_node.attestation import (
     attest,
     decide,
     pae,
+    parse_statement,
     verify,
 )
 from pyrsia_node.identity import Identity
@@ -254,3 +255,15 @@ def test_different_source_urls_still_match(authorities: list[Identity]) -> None:
         for i, a in enumerate(authorities)
     ]
     assert decide(envelopes, validators(authorities), threshold=4).committed == img
+
+
+def test_a_parsed_statement_is_reused_and_a_malformed_one_fails_every_time() -> None:
+    key = Identity.generate()
+    attestation, envelope = attest(image(), "https://registry-1.docker.io", NOW, key)
+    again = bytes(bytearray(envelope.payload))  # equal bytes, another object
+    assert parse_statement(envelope.payload) == attestation
+    assert parse_statement(again) is parse_statement(envelope.payload)
+    broken = envelope.payload.replace(PREDICATE_TYPE.encode(), b"https://example.test/other")
+    for _ in range(2):
+        with pytest.raises(MalformedStatement):
+            parse_statement(broken)

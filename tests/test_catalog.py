@@ -104,3 +104,35 @@ async def test_wait_indexed_returns_once_the_entry_is_indexed(ledger: Transparen
     ledger.append([record_bytes(image("1.0", root=100, layer=2))])
     await catalog.refresh()
     await asyncio.wait_for(waiter, 1)
+
+
+async def test_records_handed_over_at_commit_are_indexed_without_reading_the_log(
+    ledger: TransparencyLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    first = record_bytes(image("1.0", root=100, layer=2))
+    ledger.append([first])
+    catalog = LedgerCatalog(ledger)
+    await catalog.refresh()
+    later = [record_bytes(image("2.0", root=101, layer=3))]
+    ledger.append(later)
+    catalog.committed(1, later)
+
+    def no_reads(index: int) -> bytes:
+        raise AssertionError(f"log entry {index} read back")
+
+    monkeypatch.setattr(ledger, "entry", no_reads)
+    await catalog.refresh()
+    ref = await catalog.resolve(ALPINE, "2.0")
+    assert ref is not None and ref.digest == digest(101)
+    assert catalog.size == 2
+
+
+async def test_entries_not_handed_over_are_read_from_the_log(ledger: TransparencyLog) -> None:
+    catalog = LedgerCatalog(ledger)
+    ledger.append([record_bytes(image("1.0", root=100, layer=2))])
+    handed = [record_bytes(image("2.0", root=101, layer=3))]
+    ledger.append(handed)
+    catalog.committed(1, handed)
+    await catalog.refresh()
+    assert (await catalog.tags(ALPINE)) == ["1.0", "2.0"]
+    assert catalog.size == 2

@@ -7,8 +7,10 @@ in-toto statement. A tag resolves to the image of the latest committed record of
 package id; a digest resolves when any committed record of that repository covers it.
 
 The index is held in memory and brought up to date by ``refresh`` (once at start, then from
-consensus' commit hook), which reads only the entries appended since the last refresh; a
-pull never scans the log.
+consensus' commit hook), which indexes only the entries appended since the last refresh; a
+pull never scans the log. The commit hook hands over each block's records with
+``committed``, so entries are taken from the committed block instead of read back from the
+log; the log is read only for entries nobody handed over (at start, or after a restart).
 
 What it must never do: vouch for content no committed record covers, or read upstreams.
 """
@@ -17,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 from pyrsia_node.attestation import AcquiredImage, AttestationError, parse_statement
 from pyrsia_node.ledger.log import TransparencyLog
@@ -61,7 +63,15 @@ class LedgerCatalog:
         self._images = ImageCatalog()
         self._lock = asyncio.Lock()
         self._indexed = asyncio.Condition()
+        # first log index -> the records consensus appended there (see `committed`).
+        self._handed_over: dict[int, Sequence[bytes]] = {}
         self.size = 0
+
+    def committed(self, first: int, records: Sequence[bytes]) -> None:
+        """``records`` were just appended to the log at index ``first`` on; the next
+        ``refresh`` indexes them from these bytes instead of reading them back."""
+        if records and first >= self.size:
+            self._handed_over[first] = records
 
     async def refresh(self) -> None:
         """Index the log entries appended since the last refresh, in log order.
@@ -74,6 +84,8 @@ class LedgerCatalog:
             for image in images:
                 self._images.add(image)
             self.size = end
+            for first in [i for i in self._handed_over if i < end]:
+                del self._handed_over[first]
         async with self._indexed:
             self._indexed.notify_all()
 
@@ -84,7 +96,18 @@ class LedgerCatalog:
 
     def _read_from(self, start: int) -> tuple[list[AcquiredImage], int]:
         end = self._ledger.size
-        return images_of(self._ledger.entry(i) for i in range(start, end)), end
+        return images_of(self._entries(start, end)), end
+
+    def _entries(self, start: int, end: int) -> Iterator[bytes]:
+        index = start
+        while index < end:
+            records = self._handed_over.get(index)
+            if records is not None and index + len(records) <= end:
+                yield from records
+                index += len(records)
+            else:
+                yield self._ledger.entry(index)
+                index += 1
 
     async def resolve(self, name: RepositoryName, reference: str) -> ManifestRef | None:
         return await self._images.resolve(name, reference)

@@ -5,24 +5,26 @@
    process), each downloaded ``--repeat`` times with curl to /dev/null; the ratio is
    docker-registry time / our time (>= 1.0 means we are at least as fast). The node
    process's RSS growth while serving is reported too.
-2. Cold pull-through, the real path: a local network of node processes (4 authorities,
-   2 peers, mutual TLS; ``pyrsia up``'s engine) mirrors the upstream. curl asks a peer for
-   the manifest (strict mode: the peer asks an authority to build it; all 4 authorities
-   fetch, verify, store and attest it; 3 must agree; consensus commits the record; the peer
-   follows the chain), then for the layer (the peer downloads it from the authorities over
-   gRPC, verifying its digest), vs curl pulling manifest and layer directly from the
-   upstream. One authority's bare acquisition time is reported for reference.
+2. Cold pull-through, the real path, for an image with one ``--cold-mib`` (default 200, the
+   issue's size) layer: a fresh local network of node processes (4 authorities, 2 peers,
+   mutual TLS; ``pyrsia up``'s engine) mirrors the upstream. curl asks a peer for the
+   manifest (strict mode: the peer asks an authority to build it; all 4 authorities fetch,
+   verify, store and attest it; the record goes to consensus once 3 agree; the peer serves
+   the manifest once its catalog indexed the commit), then for the layer (the peer
+   downloads it from the authorities over gRPC, verifying its digest), vs curl pulling
+   manifest and layer directly from the upstream. Medians of ``--cold-repeat`` rounds, each
+   on a fresh network. One authority's bare acquisition time is reported for reference.
 
 Run from the repository root:
-    .venv/bin/python bench/bench_mirror.py [--blob-mib 1024] [--repeat 3]
-Results are printed and appended to bench/RESULTS.md with the command.
+    .venv/bin/python bench/bench_mirror.py [--blob-mib 1024] [--repeat 3] [--cold-mib 200]
+        [--cold-repeat 3]
+Results are printed as a Markdown table with the command (for bench/RESULTS.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime as dt
 import hashlib
 import json
 import os
@@ -47,10 +49,11 @@ from pyrsia_node.localnet import LocalNetwork, Shape
 from pyrsia_node.registry import ImageCatalog, routes
 from pyrsia_node.store import BlobStore
 
-REPO = Path(__file__).resolve().parent.parent
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
 OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
+BIG = "bench/big"  # the cached-serving image
+COLD = "bench/cold"  # the pull-through image
 
 
 def free_port() -> int:
@@ -98,13 +101,13 @@ def free_port_block(size: int) -> int:
 def cold_through_network(root: Path, upstream: str, layer: str) -> tuple[float, float]:
     """(manifest seconds, layer seconds) of a cold pull through a peer of a fresh network."""
     shape = Shape(4, 2, free_port_block(60), "127.0.0.1", (Upstream("docker.io", upstream),))
-    network = LocalNetwork(root, shape)
+    network = LocalNetwork(root, shape, fresh=True)
     network.start()
     try:
         network.wait_connected(timeout=60)
         peer = network.node("peer-0").http_url
-        manifest = curl_seconds(f"{peer}/v2/bench/big/manifests/1.0")
-        blob = curl_seconds(f"{peer}/v2/bench/big/blobs/{layer}")
+        manifest = curl_seconds(f"{peer}/v2/{COLD}/manifests/1.0")
+        blob = curl_seconds(f"{peer}/v2/{COLD}/blobs/{layer}")
     finally:
         network.stop()
     return manifest, blob
@@ -150,8 +153,8 @@ async def upload(
             )
 
 
-async def seed_upstream(base: str, work: Path, size: int) -> tuple[str, str]:
-    """Push an image with one ``size``-byte layer; returns (layer digest, manifest digest)."""
+async def seed_upstream(base: str, work: Path, name: str, size: int) -> tuple[str, str]:
+    """Push ``name:1.0`` with one ``size``-byte layer; returns (layer, manifest) digests."""
     layer = work / "layer.bin"
     layer_digest = write_random(layer, size)
     config = json.dumps(
@@ -174,10 +177,10 @@ async def seed_upstream(base: str, work: Path, size: int) -> tuple[str, str]:
     ).encode()
     timeout = aiohttp.ClientTimeout(total=600)
     async with aiohttp.ClientSession(timeout=timeout) as session:
-        await upload(session, base, "bench/big", layer, layer_digest, size)
-        await upload(session, base, "bench/big", config_path, config_digest, len(config))
+        await upload(session, base, name, layer, layer_digest, size)
+        await upload(session, base, name, config_path, config_digest, len(config))
         async with session.put(
-            f"{base}/v2/bench/big/manifests/1.0",
+            f"{base}/v2/{name}/manifests/1.0",
             data=manifest,
             headers={"Content-Type": OCI_MANIFEST},
         ) as response:
@@ -238,14 +241,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--blob-mib", type=int, default=1024)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--no-record", action="store_true", help="do not append to RESULTS.md")
+    parser.add_argument("--blob-mib", type=int, default=1024, help="cached-serving blob size")
+    parser.add_argument("--repeat", type=int, default=3, help="cached-serving downloads")
+    parser.add_argument("--cold-mib", type=int, default=200, help="pull-through layer size")
+    parser.add_argument("--cold-repeat", type=int, default=3, help="pull-through rounds")
     args = parser.parse_args()
+    load_before = os.getloadavg()[0]
     for tool in ("docker-registry", "curl"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed; apt-get install it first")
-    size = args.blob_mib << 20
     with tempfile.TemporaryDirectory(prefix="bench-mirror-") as tmp:
         work = Path(tmp)
         port = free_port()
@@ -263,24 +267,33 @@ def main() -> None:
         try:
             base = f"http://127.0.0.1:{port}"
             wait_http(base + "/v2/", upstream)
-            layer, _ = asyncio.run(seed_upstream(base, work, size))
+            layer, _ = asyncio.run(seed_upstream(base, work, BIG, args.blob_mib << 20))
+            cold_layer_digest, _ = asyncio.run(seed_upstream(base, work, COLD, args.cold_mib << 20))
 
-            async def acquire() -> tuple[AcquiredImage, float]:
+            async def acquire(name: str, store: Path) -> tuple[AcquiredImage, float]:
                 start = time.perf_counter()
                 async with aiohttp.ClientSession() as session:
                     client = UpstreamClient(
                         Upstream(f"127.0.0.1:{port}", base, insecure=True), session
                     )
                     acquisition = await acquire_image(
-                        client, BlobStore(work / "node"), "bench/big", "1.0", Identity.generate()
+                        client, BlobStore(store), name, "1.0", Identity.generate()
                     )
                 return acquisition.image, time.perf_counter() - start
 
-            direct_cold = curl_seconds(f"{base}/v2/bench/big/manifests/1.0") + curl_seconds(
-                f"{base}/v2/bench/big/blobs/{layer}"
-            )
-            cold_manifest, cold_layer = cold_through_network(work / "network", base, layer)
-            image, acquire_seconds = asyncio.run(acquire())
+            directs, manifests, layers = [], [], []
+            for _ in range(args.cold_repeat):
+                directs.append(
+                    curl_seconds(f"{base}/v2/{COLD}/manifests/1.0")
+                    + curl_seconds(f"{base}/v2/{COLD}/blobs/{cold_layer_digest}")
+                )
+                manifest_s, layer_s = cold_through_network(
+                    work / "network", base, cold_layer_digest
+                )
+                manifests.append(manifest_s)
+                layers.append(layer_s)
+            _, acquire_seconds = asyncio.run(acquire(COLD, work / "bare"))
+            image, _ = asyncio.run(acquire(BIG, work / "node"))
 
             node_port = free_port()
             node = subprocess.Popen(
@@ -297,12 +310,12 @@ def main() -> None:
             wait_http(node_base + "/v2/", node)
             node_proc = psutil.Process(node.pid)
             rss_before = node_proc.memory_info().rss
-            first_from_node = curl_seconds(f"{node_base}/v2/bench/big/blobs/{layer}")
+            curl_seconds(f"{node_base}/v2/{BIG}/blobs/{layer}")
 
             ours, theirs = [], []
             for _ in range(args.repeat):
-                theirs.append(curl_seconds(f"{base}/v2/bench/big/blobs/{layer}"))
-                ours.append(curl_seconds(f"{node_base}/v2/bench/big/blobs/{layer}"))
+                theirs.append(curl_seconds(f"{base}/v2/{BIG}/blobs/{layer}"))
+                ours.append(curl_seconds(f"{node_base}/v2/{BIG}/blobs/{layer}"))
             rss_growth = (node_proc.memory_info().rss - rss_before) / (1 << 20)
         finally:
             if node is not None:
@@ -310,10 +323,15 @@ def main() -> None:
             stop(upstream)
 
     ours_med, theirs_med = statistics.median(ours), statistics.median(theirs)
-    mib = args.blob_mib
+    mib, cold_mib = args.blob_mib, args.cold_mib
     cached_ratio = theirs_med / ours_med
-    cold_ratio = (cold_manifest + cold_layer) / direct_cold
-    command = f".venv/bin/python bench/bench_mirror.py --blob-mib {mib} --repeat {args.repeat}"
+    totals = [m + b for m, b in zip(manifests, layers, strict=True)]
+    cold_ratio = statistics.median(totals) / statistics.median(directs)
+    middle = totals.index(statistics.median_low(totals))
+    command = (
+        f".venv/bin/python bench/bench_mirror.py --blob-mib {mib} --repeat {args.repeat} "
+        f"--cold-mib {cold_mib} --cold-repeat {args.cold_repeat}"
+    )
     rows = [
         (
             f"cached {mib} MiB blob, docker-registry (median of {args.repeat})",
@@ -328,16 +346,22 @@ def main() -> None:
             f"node RSS growth while serving {args.repeat + 1} downloads",
             f"{rss_growth:.1f} MiB (limit 32 MiB)",
         ),
-        ("direct cold pull of manifest + layer from upstream", f"{direct_cold:.3f} s"),
         (
-            "cold pull through a peer of a 4+2 network: manifest (build: 4 acquisitions, "
-            "decision, commit, peer follows) + layer (peer fetches from authorities)",
-            f"{cold_manifest:.3f} s + {cold_layer:.3f} s",
+            f"direct cold pull of manifest + {cold_mib} MiB layer from upstream "
+            f"(median of {args.cold_repeat})",
+            f"{statistics.median(directs):.3f} s",
         ),
         (
-            "for reference: one authority's bare acquisition (fetch, verify, store, sign) "
-            "+ pull from a registry over its store",
-            f"{acquire_seconds:.3f} s + {first_from_node:.3f} s",
+            f"cold pull through a peer of a fresh 4+2 network (median of {args.cold_repeat}): "
+            "manifest (build: 4 acquisitions, decision at 3, commit, peer indexes) + layer "
+            "(peer fetches from authorities)",
+            f"{statistics.median(totals):.3f} s ({manifests[middle]:.3f} s + "
+            f"{layers[middle]:.3f} s); rounds: " + ", ".join(f"{t:.2f}" for t in totals),
+        ),
+        (
+            "for reference: one authority's bare acquisition (fetch, verify, store, sign) of "
+            "the same image, alone",
+            f"{acquire_seconds:.3f} s",
         ),
         (
             "**cold pull-through vs direct** (goal <= 1.5x; upstream → authorities → "
@@ -346,20 +370,14 @@ def main() -> None:
         ),
     ]
     lines = [
-        f"### Image mirror ({dt.date.today().isoformat()}, {os.cpu_count()} CPUs, loopback)",
-        "",
-        f"Command: `{command}`",
+        f"Command: `{command}` ({os.cpu_count()} CPUs, loopback, "
+        f"1-min load average at start: {load_before:.1f})",
         "",
         "| figure | value |",
         "|---|---|",
         *(f"| {name} | {value} |" for name, value in rows),
-        "",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if not args.no_record:
-        with (REPO / "bench" / "RESULTS.md").open("a") as results:
-            results.write("\n" + report)
+    print("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import grpc
 import pytest
-from pyrsia_node.attestation import AcquiredImage, Artifact, Envelope, attest
+from pyrsia_node.attestation import AcquiredImage, Artifact, Envelope, attest, decide
 from pyrsia_node.build import (
     BuildClient,
     BuildCoordinator,
@@ -22,6 +22,8 @@ from pyrsia_node.build import (
     check_artifact_record,
     image_package_id,
     record_validator,
+    registry_builds,
+    settled,
     split_package_id,
 )
 from pyrsia_node.consensus.mempool import RecordRejected
@@ -34,6 +36,7 @@ from pyrsia_node.ledger.records import (
     PackageType,
     record_hash,
 )
+from pyrsia_node.registry import BuildRejected, BuildRequest, ImageCatalog, RepositoryName
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
@@ -186,6 +189,14 @@ async def finished(builds: BuildCoordinator, build_id: str) -> BuildStatus:
             await asyncio.sleep(0.01)
 
 
+async def until(check: Callable[[], bool]) -> None:
+    async with asyncio.timeout(5):
+        while True:
+            if check():
+                return
+            await asyncio.sleep(0.01)
+
+
 async def test_a_build_commits_what_three_agree_on_and_reports_the_dissent(
     keys: list[Identity],
 ) -> None:
@@ -278,3 +289,109 @@ async def test_build_ids_name_their_authority(keys: list[Identity]) -> None:
     with pytest.raises(UnknownBuild, match="no build"):
         await client.status(keys[0].node_id[:16] + "-00")
     await builds.close()
+
+
+async def test_a_build_commits_at_the_threshold_and_reports_a_late_dissent(
+    keys: list[Identity],
+) -> None:
+    by_key = {k.node_id: k for k in keys}
+    release = asyncio.Event()
+
+    async def acquire(authority: Authority, package_id: str) -> Envelope:
+        if authority.name == "authority-3":
+            await release.wait()
+            return envelope(by_key[authority.node_id], image(layer=4))
+        return envelope(by_key[authority.node_id], image())
+
+    ledger: dict[bytes, int] = {}
+    submitted: list[bytes] = []
+    builds = coordinator(keys, acquire, ledger, submitted)
+    build_id = builds.request("docker.io/library/alpine:1.0")
+    await until(lambda: builds.status(build_id).ledger_index == 0)
+    assert len(submitted) == 1
+    assert builds.status(build_id).state == "committing"  # authority-3 is still acquiring
+    release.set()
+    status = await finished(builds, build_id)
+    assert status.state == "done", status.message
+    [mismatch] = status.mismatches
+    assert keys[3].node_id in mismatch
+    [record] = submitted
+    signers = {e.keyid for e in check_artifact_record_envelopes(record, keys)}
+    assert signers == {k.node_id for k in keys[:3]}
+
+
+def test_a_decision_is_settled_only_when_outstanding_attestations_cannot_change_it(
+    keys: list[Identity],
+) -> None:
+    agree = [envelope(k, image()) for k in keys[:3]]
+    dissent = envelope(keys[3], image(layer=4))
+    assert settled(decide(agree, validators(keys), 3), outstanding=1)
+    assert not settled(decide(agree[:2], validators(keys), 3), outstanding=2)
+    # A threshold of one: the first attestation commits nothing while three could outvote it.
+    assert not settled(decide(agree[:1], validators(keys), 1), outstanding=3)
+    assert not settled(decide([*agree[:2], dissent], validators(keys), 2), outstanding=1)
+    assert settled(decide([*agree[:2], dissent], validators(keys), 2), outstanding=0)
+
+
+class _Builds:
+    """A ``BuildClient`` stand-in: one build whose state the test sets."""
+
+    def __init__(self) -> None:
+        self.state = BuildStatus("b-1", "acquiring", "", "docker.io/library/alpine:1.0")
+        self.ended = asyncio.Event()
+
+    def end(self, state: BuildStatus) -> None:
+        self.state = state
+        self.ended.set()
+
+    async def request(self, package_id: str) -> str:
+        return "b-1"
+
+    async def wait(self, build_id: str) -> BuildStatus:
+        await self.ended.wait()
+        return self.state
+
+
+class _Catalog:
+    def __init__(self) -> None:
+        self.images = ImageCatalog()
+        self.size = 0
+        self.indexed = asyncio.Condition()
+
+    async def add(self, committed: AcquiredImage) -> None:
+        self.images.add(committed)
+        self.size += 1
+        async with self.indexed:
+            self.indexed.notify_all()
+
+    async def resolve(self, name: RepositoryName, reference: str) -> object:
+        return await self.images.resolve(name, reference)
+
+    async def wait_indexed(self, index: int) -> None:
+        async with self.indexed:
+            await self.indexed.wait_for(lambda: self.size > index)
+
+
+ALPINE = BuildRequest(RepositoryName("docker.io", "library/alpine"), "1.0")
+
+
+async def test_a_pull_returns_when_its_tag_is_indexed_not_when_the_build_finishes() -> None:
+    builds, catalog = _Builds(), _Catalog()
+    request_build = registry_builds(builds, catalog)  # type: ignore[arg-type]
+    pull = asyncio.create_task(request_build(ALPINE))
+    await catalog.add(image(tag="other"))
+    await asyncio.sleep(0.05)
+    assert not pull.done()
+    await catalog.add(image())
+    async with asyncio.timeout(2):
+        await pull
+    assert not builds.state.finished
+
+
+async def test_a_pull_of_a_failed_build_raises_its_report() -> None:
+    builds, catalog = _Builds(), _Catalog()
+    pull = asyncio.create_task(registry_builds(builds, catalog)(ALPINE))  # type: ignore[arg-type]
+    builds.end(replace(builds.state, state="failed", message="2 of 3 required agree"))
+    with pytest.raises(BuildRejected, match="2 of 3 required"):
+        async with asyncio.timeout(2):
+            await pull

@@ -34,7 +34,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import aiohttp
 import grpc
@@ -42,7 +42,13 @@ from prometheus_client import CollectorRegistry, Counter
 from pyrsia.v1 import build_pb2, build_pb2_grpc
 
 from pyrsia_node.acquire import AcquireError, FetchPolicy, UpstreamClient, acquire_image
-from pyrsia_node.attestation import AcquiredImage, AttestationError, Envelope, decide
+from pyrsia_node.attestation import (
+    AcquiredImage,
+    AttestationError,
+    Decision,
+    Envelope,
+    decide,
+)
 from pyrsia_node.consensus.mempool import RecordRejected
 from pyrsia_node.genesis import Authority, Genesis, Upstream, quorum
 from pyrsia_node.identity import Identity
@@ -56,7 +62,13 @@ from pyrsia_node.ledger.records import (
     docker_package_id,
     record_hash,
 )
-from pyrsia_node.registry import BuildRejected, BuildRequest, RequestBuild
+from pyrsia_node.registry import (
+    BuildRejected,
+    BuildRequest,
+    ManifestRef,
+    RepositoryName,
+    RequestBuild,
+)
 from pyrsia_node.store import BlobStore
 
 log = logging.getLogger(__name__)
@@ -283,10 +295,11 @@ class ImageAcquirer:
         self._policy = policy
         self._session: aiohttp.ClientSession | None = None
         self._running: dict[str, asyncio.Task[Envelope]] = {}
+        self._announcing: set[asyncio.Task[None]] = set()
 
     async def acquire(self, package_id: str) -> Envelope:
-        """Fetch, verify, store, announce and attest ``package_id``; raises ``BuildError``
-        or ``AcquireError`` with what went wrong."""
+        """Fetch, verify, store and attest ``package_id``, announcing its blobs in the
+        background; raises ``BuildError`` or ``AcquireError`` with what went wrong."""
         task = self._running.get(package_id)
         if task is None:
             task = asyncio.create_task(self._acquire(package_id), name=f"acquire {package_id}")
@@ -308,20 +321,28 @@ class ImageAcquirer:
             upstream, self._session, policy=self._policy, on_bytes=self._upstream_bytes.inc
         )
         acquisition = await acquire_image(client, self._store, repository, tag, self._identity)
-        digests = [a.digest for a in acquisition.image.artifacts]
-        results = await asyncio.gather(
-            *(self._announce(d) for d in dict.fromkeys(digests)), return_exceptions=True
+        # Announcing takes DHT round trips; the attestation does not wait for them (a peer
+        # that finds no provider yet asks the authorities directly).
+        task = asyncio.create_task(
+            self._announce_all(a.digest for a in acquisition.image.artifacts),
+            name=f"announce {package_id}",
         )
-        for digest, result in zip(dict.fromkeys(digests), results, strict=True):
+        self._announcing.add(task)
+        task.add_done_callback(self._announcing.discard)
+        return acquisition.envelope
+
+    async def _announce_all(self, digests: Iterable[str]) -> None:
+        unique = list(dict.fromkeys(digests))
+        results = await asyncio.gather(*(self._announce(d) for d in unique), return_exceptions=True)
+        for digest, result in zip(unique, results, strict=True):
             if isinstance(result, grpc.aio.AioRpcError):
                 # The periodic republish announces it later; peers also ask authorities.
                 log.warning("could not announce %s yet: %s", digest[:19], result.code().name)
-            elif isinstance(result, BaseException):
-                raise result
-        return acquisition.envelope
+            elif isinstance(result, Exception):
+                log.error("announcing %s failed", digest[:19], exc_info=result)
 
     async def close(self) -> None:
-        for task in list(self._running.values()):
+        for task in [*self._running.values(), *self._announcing]:
             task.cancel()
         if self._session is not None:
             await self._session.close()
@@ -329,6 +350,20 @@ class ImageAcquirer:
 
 
 # Coordination on the authority that owns a build ------------------------------------------
+
+
+def settled(decision: Decision, outstanding: int) -> bool:
+    """True when ``decision`` commits an image that ``outstanding`` more attestations could
+    neither overtake nor tie: deciding now gives what waiting for all of them would."""
+    if decision.committed is None:
+        return False
+    leading = len(decision.supporters)
+    others: dict[AcquiredImage, int] = {}
+    for mismatch in decision.mismatches:
+        others[mismatch.saw] = others.get(mismatch.saw, 0) + 1
+    runner_up = max(others.values(), default=0)
+    return leading > runner_up + outstanding
+
 
 AcquireFrom = Callable[[Authority, str], Awaitable[Envelope]]
 
@@ -425,29 +460,85 @@ class BuildCoordinator:
         package_id = build.status.package_id
         authorities = list(self._authorities())
         threshold = self._threshold(len(authorities))
+        validators = {a.node_id: a.public_key for a in authorities}
         self._set(
             build,
             state="acquiring",
             message=f"{len(authorities)} authorities acquiring, {threshold} must agree",
         )
-        outcomes = await asyncio.gather(*(self._acquire_one(a, package_id) for a in authorities))
-        envelopes = [e for e in outcomes if isinstance(e, Envelope)]
-        failures = [e for e in outcomes if isinstance(e, str)]
-        validators = {a.node_id: a.public_key for a in authorities}
-        decision = decide(envelopes, validators, threshold)
-        mismatches = (
-            *(m.describe() for m in decision.mismatches),
-            *failures,
-            *(
-                f"attestation by {k} rejected: {why}"
-                for k, why in sorted(decision.rejected.items())
-            ),
-        )
-        report = "; ".join([decision.report(), *failures])
-        image = decision.committed
-        if image is None:
-            self._set(build, state="failed", message=report, mismatches=mismatches)
+        pending = {
+            asyncio.create_task(self._acquire_one(a, package_id), name=f"acquire {a.name}")
+            for a in authorities
+        }
+        envelopes: list[Envelope] = []
+        failures: list[str] = []
+        committing: asyncio.Task[int | None] | None = None
+        index: int | None = None
+        try:
+            while pending:
+                waiting: set[asyncio.Task[Any]] = {*pending}
+                if committing is not None and not committing.done():
+                    waiting.add(committing)
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if committing in done and (index := committing.result()) is not None:
+                    self._set(
+                        build,
+                        message=f"committed at ledger index {index}; {len(pending)} "
+                        "authorities still acquiring, their attestations join the report",
+                        ledger_index=index,
+                    )
+                for task in done & pending:
+                    pending.discard(task)
+                    outcome = task.result()
+                    if isinstance(outcome, Envelope):
+                        envelopes.append(outcome)
+                    else:
+                        failures.append(outcome)
+                decision = decide(envelopes, validators, threshold)
+                if committing is None and settled(decision, len(pending)):
+                    # The attestations still outstanding cannot change what commits, so the
+                    # record goes to consensus now; the rest still count for the report.
+                    committing = await self._commit(build, decision, envelopes, failures)
+                    if committing is None:
+                        return
+            decision = decide(envelopes, validators, threshold)
+            report = "; ".join([decision.report(), *failures])
+            mismatches = (
+                *(m.describe() for m in decision.mismatches),
+                *failures,
+                *(
+                    f"attestation by {k} rejected: {why}"
+                    for k, why in sorted(decision.rejected.items())
+                ),
+            )
+            if committing is None:
+                self._set(build, state="failed", message=report, mismatches=mismatches)
+                return
+            if index is None:
+                index = await committing
+        finally:
+            for task in pending:
+                task.cancel()
+            if committing is not None and not committing.done():
+                committing.cancel()
+        if index is None:
+            self._set(
+                build,
+                state="failed",
+                message=f"the record did not commit within {self.commit_timeout:g}s; "
+                "is a quorum of authorities running? " + report,
+                mismatches=mismatches,
+            )
             return
+        self._set(build, state="done", message=report, ledger_index=index, mismatches=mismatches)
+
+    async def _commit(
+        self, build: _Build, decision: Decision, envelopes: list[Envelope], failures: list[str]
+    ) -> asyncio.Task[int | None] | None:
+        """Submit the record of ``decision``; a task waiting for its ledger index (None on
+        timeout), or None when consensus refused it (the build has failed then)."""
+        image = decision.committed
+        assert image is not None
         supporters = set(decision.supporters)
         record = artifact_record(image, [e for e in envelopes if e.keyid in supporters])
         data = record.encode()
@@ -456,26 +547,24 @@ class BuildCoordinator:
             state="committing",
             message=f"{len(supporters)} authorities agree on {image.root.digest}; committing",
             manifest_digest=image.root.digest,
-            mismatches=mismatches,
         )
         try:
             self._submit(data)
         except RecordRejected as exc:
-            self._set(build, state="failed", message=f"consensus refused the record: {exc}")
-            return
+            report = "; ".join([decision.report(), *failures])
+            self._set(
+                build, state="failed", message=f"consensus refused the record: {exc}; {report}"
+            )
+            return None
+        return asyncio.create_task(self._wait_committed(record_hash(data)), name="commit wait")
+
+    async def _wait_committed(self, key: bytes) -> int | None:
         deadline = time.monotonic() + self.commit_timeout
-        key = record_hash(data)
         while (index := await self._committed_index(key)) is None:
             if time.monotonic() > deadline:
-                self._set(
-                    build,
-                    state="failed",
-                    message=f"the record did not commit within {self.commit_timeout:g}s; "
-                    "is a quorum of authorities running? " + report,
-                )
-                return
+                return None
             await asyncio.sleep(self.poll_interval)
-        self._set(build, state="done", message=report, ledger_index=index)
+        return index
 
     async def _acquire_one(self, authority: Authority, package_id: str) -> Envelope | str:
         who = f"authority {authority.name} ({authority.node_id[:ID_PREFIX]})"
@@ -676,11 +765,32 @@ class BuildClient:
             await asyncio.sleep(self.poll_interval)
 
 
-def registry_builds(
-    client: BuildClient, wait_indexed: Callable[[int], Awaitable[None]]
-) -> RequestBuild:
-    """The registry's ``request_build``: build a tag on an authority, wait for the outcome,
-    then until this node's catalog indexed the record (``wait_indexed(index)``)."""
+class FollowedCatalog(Protocol):
+    """What ``registry_builds`` needs of the node's catalog (``LedgerCatalog`` has it)."""
+
+    @property
+    def size(self) -> int:
+        """Log entries indexed so far."""
+
+    async def resolve(self, name: RepositoryName, reference: str) -> ManifestRef | None: ...
+
+    async def wait_indexed(self, index: int) -> None: ...
+
+
+async def committed_in(catalog: FollowedCatalog, name: RepositoryName, reference: str) -> None:
+    """Return once ``catalog`` resolves ``name:reference``; woken by every refresh of the
+    catalog (consensus' commit hook), so a commit is seen without polling."""
+    while True:
+        indexed = catalog.size
+        if await catalog.resolve(name, reference) is not None:
+            return
+        await catalog.wait_indexed(indexed)
+
+
+def registry_builds(client: BuildClient, catalog: FollowedCatalog) -> RequestBuild:
+    """The registry's ``request_build``: build a tag on an authority and return as soon as
+    this node's catalog holds the committed tag; a build that fails raises ``BuildRejected``
+    with its report (the build's state is polled only to learn of failures)."""
 
     async def request_build(build: BuildRequest) -> None:
         if build.reference.startswith("sha256:"):
@@ -690,11 +800,24 @@ def registry_builds(
             )
         try:
             build_id = await client.request(f"{build.name}:{build.reference}")
-            status = await client.wait(build_id)
         except BuildError as exc:
             raise BuildRejected(str(exc)) from exc
-        if status.state == "failed":
-            raise BuildRejected(status.message)
-        await wait_indexed(status.ledger_index)
+        committed = asyncio.create_task(committed_in(catalog, build.name, build.reference))
+        outcome = asyncio.create_task(client.wait(build_id))
+        try:
+            await asyncio.wait({committed, outcome}, return_when=asyncio.FIRST_COMPLETED)
+            if committed.done():
+                return
+            try:
+                status = outcome.result()
+            except BuildError as exc:
+                raise BuildRejected(str(exc)) from exc
+            if status.state == "failed":
+                raise BuildRejected(status.message)
+            await catalog.wait_indexed(status.ledger_index)
+            await committed
+        finally:
+            for task in (committed, outcome):
+                task.cancel()
 
     return request_build

@@ -7,15 +7,20 @@ import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
+from pathlib import Path
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
+from pyrsia.v1 import build_pb2
 from pyrsia_node.attestation import AcquiredImage, Artifact, Envelope, attest, decide
 from pyrsia_node.build import (
+    AcquireRefused,
     BuildClient,
     BuildCoordinator,
     BuildError,
     BuildStatus,
+    ImageAcquirer,
     InvalidArtifactRecord,
     UnknownBuild,
     artifact_record,
@@ -37,6 +42,7 @@ from pyrsia_node.ledger.records import (
     record_hash,
 )
 from pyrsia_node.registry import BuildRejected, BuildRequest, ImageCatalog, RepositoryName
+from pyrsia_node.store import BlobStore
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)
 
@@ -395,3 +401,53 @@ async def test_a_pull_of_a_failed_build_raises_its_report() -> None:
     with pytest.raises(BuildRejected, match="2 of 3 required"):
         async with asyncio.timeout(2):
             await pull
+
+
+def acquirer(
+    key: Identity, keys: list[Identity], now_ms: int, tmp: Path, chain_id: str = "test-chain"
+) -> ImageAcquirer:
+    async def announce(digest: str) -> None:
+        return None
+
+    return ImageAcquirer(
+        key,
+        BlobStore(tmp),
+        {},
+        announce,
+        registry=CollectorRegistry(),
+        chain_id=chain_id,
+        authorities=lambda: validators(keys),
+        clock_ms=lambda: now_ms,
+    )
+
+
+def test_an_acquire_request_signed_by_an_authority_in_force_is_accepted(
+    keys: list[Identity], tmp_path: Path
+) -> None:
+    request = acquirer(keys[1], keys, 10_000_000, tmp_path).request("docker.io/library/a:1")
+    acquirer(keys[2], keys, 10_060_000, tmp_path).check(request)
+
+
+def test_acquire_requests_from_peers_or_tampered_or_stale_are_refused(
+    keys: list[Identity], tmp_path: Path
+) -> None:
+    outsider = Identity.generate()
+    receiver = acquirer(keys[2], keys, 10_000_000, tmp_path)
+    from_peer = acquirer(outsider, keys, 10_000_000, tmp_path).request("docker.io/library/a:1")
+    with pytest.raises(AcquireRefused, match="not an authority in force"):
+        receiver.check(from_peer)
+    tampered = acquirer(keys[1], keys, 10_000_000, tmp_path).request("docker.io/library/a:1")
+    tampered.package_id = "docker.io/library/b:1"
+    with pytest.raises(AcquireRefused, match="bad signature"):
+        receiver.check(tampered)
+    other_chain = acquirer(keys[1], keys, 10_000_000, tmp_path, chain_id="other-chain")
+    with pytest.raises(AcquireRefused, match="bad signature"):
+        receiver.check(other_chain.request("docker.io/library/a:1"))
+    stale = acquirer(keys[1], keys, 10_000_000 - 6 * 60_000, tmp_path).request(
+        "docker.io/library/a:1"
+    )
+    with pytest.raises(AcquireRefused, match="stale"):
+        receiver.check(stale)
+    unsigned = build_pb2.AcquireRequest(package_id="docker.io/library/a:1")
+    with pytest.raises(AcquireRefused, match="an unnamed caller"):
+        receiver.check(unsigned)

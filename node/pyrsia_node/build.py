@@ -10,7 +10,14 @@ every dissenting or failing authority is named, nothing is hidden.
 
 On every authority ``ImageAcquirer`` serves ``Acquire``: it fetches the image from the
 upstream the genesis names for its registry (or the node's ``upstream_overrides`` URL),
-stores and announces every blob, and returns its DSSE envelope.
+stores every blob, returns its DSSE envelope and announces the blobs. It serves only
+requests signed by an authority in force (``check_acquire_request``): builds are
+coordinated by authorities, so a peer or an outsider with a network certificate cannot
+make authorities pull from upstream.
+
+The coordinator submits the record as soon as the attestations still outstanding could
+neither overtake nor tie the leading image (``settled``), so the result is the one waiting
+for every authority would give; the late attestations still join the build's report.
 
 ``record_validator`` is consensus' record check: an artifact record is valid only when
 its attestations verify against the current authorities and at least the threshold of
@@ -30,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import struct
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -51,7 +59,7 @@ from pyrsia_node.attestation import (
 )
 from pyrsia_node.consensus.mempool import RecordRejected
 from pyrsia_node.genesis import Authority, Genesis, Upstream, quorum
-from pyrsia_node.identity import Identity
+from pyrsia_node.identity import Identity, verify_signature
 from pyrsia_node.ledger.records import (
     Artifact,
     ArtifactRecord,
@@ -269,6 +277,57 @@ def record_validator(
 
 # Acquisition on an authority --------------------------------------------------------------
 
+_ACQUIRE_DOMAIN = b"pyrsia/v1/acquire-request"
+MAX_REQUEST_SKEW_MS = 5 * 60 * 1000
+
+
+class AcquireRefused(BuildError):
+    """An Acquire request not signed by an authority in force, or not fresh."""
+
+
+def acquire_signing_bytes(
+    chain_id: str, package_id: str, requester: str, timestamp_ms: int
+) -> bytes:
+    """Canonical bytes an Acquire request's signature covers: domain-separated,
+    length-prefixed fields, never the protobuf encoding."""
+    parts = (
+        _ACQUIRE_DOMAIN,
+        chain_id.encode(),
+        package_id.encode(),
+        requester.encode(),
+        struct.pack(">q", timestamp_ms),
+    )
+    return b"".join(struct.pack(">I", len(p)) + p for p in parts)
+
+
+def check_acquire_request(
+    request: build_pb2.AcquireRequest,
+    chain_id: str,
+    authorities: Mapping[str, bytes],
+    now_ms: int,
+) -> None:
+    """Raise ``AcquireRefused`` unless a current authority (node id -> public key in
+    ``authorities``) signed ``request`` within ``MAX_REQUEST_SKEW_MS`` of ``now_ms``.
+
+    Only authorities coordinate builds, so only they may make another authority fetch from
+    its upstream: a peer or an outsider holding a network certificate cannot."""
+    key = authorities.get(request.requester)
+    if key is None:
+        raise AcquireRefused(
+            f"{request.requester[:ID_PREFIX] or 'an unnamed caller'} is not an authority in "
+            "force; only authorities coordinating a build may ask for an acquisition"
+        )
+    signed = acquire_signing_bytes(
+        chain_id, request.package_id, request.requester, request.timestamp_ms
+    )
+    if not verify_signature(key, request.signature, signed):
+        raise AcquireRefused(f"bad signature on the acquire request of {request.requester[:16]}")
+    if abs(now_ms - request.timestamp_ms) > MAX_REQUEST_SKEW_MS:
+        raise AcquireRefused(
+            f"the acquire request of {request.requester[:16]} is stale or from the future; "
+            "check both clocks"
+        )
+
 
 class ImageAcquirer:
     """Acquires images for this authority; concurrent requests for one package share one
@@ -282,6 +341,10 @@ class ImageAcquirer:
         announce: Callable[[str], Awaitable[None]],
         policy: FetchPolicy | None = None,
         registry: CollectorRegistry | None = None,
+        *,
+        chain_id: str,
+        authorities: Callable[[], Mapping[str, bytes]],
+        clock_ms: Callable[[], int] = lambda: int(time.time() * 1000),
     ) -> None:
         self._upstream_bytes = Counter(
             "pyrsia_acquire_upstream_bytes",
@@ -289,6 +352,9 @@ class ImageAcquirer:
             registry=registry,
         )
         self._identity = identity
+        self._chain_id = chain_id
+        self._authorities = authorities
+        self._clock_ms = clock_ms
         self._store = store
         self._upstreams = dict(upstreams)
         self._announce = announce
@@ -296,6 +362,22 @@ class ImageAcquirer:
         self._session: aiohttp.ClientSession | None = None
         self._running: dict[str, asyncio.Task[Envelope]] = {}
         self._announcing: set[asyncio.Task[None]] = set()
+
+    def request(self, package_id: str) -> build_pb2.AcquireRequest:
+        """An Acquire request for ``package_id`` signed by this authority."""
+        now = self._clock_ms()
+        requester = self._identity.node_id
+        signed = acquire_signing_bytes(self._chain_id, package_id, requester, now)
+        return build_pb2.AcquireRequest(
+            package_id=package_id,
+            requester=requester,
+            timestamp_ms=now,
+            signature=self._identity.sign(signed),
+        )
+
+    def check(self, request: build_pb2.AcquireRequest) -> None:
+        """``check_acquire_request`` against the authorities in force now."""
+        check_acquire_request(request, self._chain_id, self._authorities(), self._clock_ms())
 
     async def acquire(self, package_id: str) -> Envelope:
         """Fetch, verify, store and attest ``package_id``, announcing its blobs in the
@@ -577,7 +659,7 @@ class BuildCoordinator:
         except (AcquireError, BuildError, AttestationError) as exc:
             return f"{who} could not attest: {exc}"
         except grpc.aio.AioRpcError as exc:
-            return f"{who} unreachable: {exc.code().name} {exc.details()}"
+            return f"{who} did not answer: {exc.code().name} {exc.details()}"
 
     async def close(self) -> None:
         tasks = [b.task for b in self._builds.values() if b.task is not None]
@@ -603,7 +685,7 @@ def remote_acquirer(
         ch = channel(authority.grpc_address)
         try:
             reply = await build_pb2_grpc.BuildStub(ch).Acquire(
-                build_pb2.AcquireRequest(package_id=package_id), timeout=timeout
+                local.request(package_id), timeout=timeout
             )
         finally:
             await ch.close(None)
@@ -634,6 +716,11 @@ class BuildServicer(build_pb2_grpc.BuildServicer):
         if self._acquirer is None:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "only authorities acquire")
             raise AssertionError("abort returns only by raising")
+        try:
+            self._acquirer.check(request)
+        except AcquireRefused as exc:
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))
+            raise
         try:
             envelope = await self._acquirer.acquire(request.package_id)
         except (AcquireError, BuildError, ValueError) as exc:

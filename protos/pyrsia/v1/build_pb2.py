@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pyrsia/v1/build.proto\x12\tpyrsia.v1\"$\n\x0e\x41\x63quireRequest\x12\x12\n\npackage_id\x18\x01 \x01(\t\"2\n\x0f\x41\x63quireResponse\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"?\n\x13RequestBuildRequest\x12\x14\n\x0cpackage_type\x18\x01 \x01(\t\x12\x12\n\npackage_id\x18\x02 \x01(\t\"(\n\x14RequestBuildResponse\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"#\n\x0fGetBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"\x96\x02\n\x0b\x42uildStatus\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.pyrsia.v1.BuildStatus.State\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\npackage_id\x18\x04 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x05 \x01(\t\x12\x14\n\x0cledger_index\x18\x06 \x01(\x03\x12\x12\n\nmismatches\x18\x07 \x03(\t\"`\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\r\n\tACQUIRING\x10\x02\x12\x0e\n\nCOMMITTING\x10\x03\x12\x08\n\x04\x44ONE\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x32\xda\x01\n\x05\x42uild\x12@\n\x07\x41\x63quire\x12\x19.pyrsia.v1.AcquireRequest\x1a\x1a.pyrsia.v1.AcquireResponse\x12O\n\x0cRequestBuild\x12\x1e.pyrsia.v1.RequestBuildRequest\x1a\x1f.pyrsia.v1.RequestBuildResponse\x12>\n\x08GetBuild\x12\x1a.pyrsia.v1.GetBuildRequest\x1a\x16.pyrsia.v1.BuildStatusb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15pyrsia/v1/build.proto\x12\tpyrsia.v1\"`\n\x0e\x41\x63quireRequest\x12\x12\n\npackage_id\x18\x01 \x01(\t\x12\x11\n\trequester\x18\x02 \x01(\t\x12\x14\n\x0ctimestamp_ms\x18\x03 \x01(\x03\x12\x11\n\tsignature\x18\x04 \x01(\x0c\"2\n\x0f\x41\x63quireResponse\x12\x10\n\x08\x65nvelope\x18\x01 \x01(\x0c\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"?\n\x13RequestBuildRequest\x12\x14\n\x0cpackage_type\x18\x01 \x01(\t\x12\x12\n\npackage_id\x18\x02 \x01(\t\"(\n\x14RequestBuildResponse\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"#\n\x0fGetBuildRequest\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\"\x96\x02\n\x0b\x42uildStatus\x12\x10\n\x08\x62uild_id\x18\x01 \x01(\t\x12+\n\x05state\x18\x02 \x01(\x0e\x32\x1c.pyrsia.v1.BuildStatus.State\x12\x0f\n\x07message\x18\x03 \x01(\t\x12\x12\n\npackage_id\x18\x04 \x01(\t\x12\x17\n\x0fmanifest_digest\x18\x05 \x01(\t\x12\x14\n\x0cledger_index\x18\x06 \x01(\x03\x12\x12\n\nmismatches\x18\x07 \x03(\t\"`\n\x05State\x12\x15\n\x11STATE_UNSPECIFIED\x10\x00\x12\x0b\n\x07PENDING\x10\x01\x12\r\n\tACQUIRING\x10\x02\x12\x0e\n\nCOMMITTING\x10\x03\x12\x08\n\x04\x44ONE\x10\x04\x12\n\n\x06\x46\x41ILED\x10\x05\x32\xda\x01\n\x05\x42uild\x12@\n\x07\x41\x63quire\x12\x19.pyrsia.v1.AcquireRequest\x1a\x1a.pyrsia.v1.AcquireResponse\x12O\n\x0cRequestBuild\x12\x1e.pyrsia.v1.RequestBuildRequest\x1a\x1f.pyrsia.v1.RequestBuildResponse\x12>\n\x08GetBuild\x12\x1a.pyrsia.v1.GetBuildRequest\x1a\x16.pyrsia.v1.BuildStatusb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,19 +32,19 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'pyrsia.v1.build_pb2', _glob
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_ACQUIREREQUEST']._serialized_start=36
-  _globals['_ACQUIREREQUEST']._serialized_end=72
-  _globals['_ACQUIRERESPONSE']._serialized_start=74
-  _globals['_ACQUIRERESPONSE']._serialized_end=124
-  _globals['_REQUESTBUILDREQUEST']._serialized_start=126
-  _globals['_REQUESTBUILDREQUEST']._serialized_end=189
-  _globals['_REQUESTBUILDRESPONSE']._serialized_start=191
-  _globals['_REQUESTBUILDRESPONSE']._serialized_end=231
-  _globals['_GETBUILDREQUEST']._serialized_start=233
-  _globals['_GETBUILDREQUEST']._serialized_end=268
-  _globals['_BUILDSTATUS']._serialized_start=271
-  _globals['_BUILDSTATUS']._serialized_end=549
-  _globals['_BUILDSTATUS_STATE']._serialized_start=453
-  _globals['_BUILDSTATUS_STATE']._serialized_end=549
-  _globals['_BUILD']._serialized_start=552
-  _globals['_BUILD']._serialized_end=770
+  _globals['_ACQUIREREQUEST']._serialized_end=132
+  _globals['_ACQUIRERESPONSE']._serialized_start=134
+  _globals['_ACQUIRERESPONSE']._serialized_end=184
+  _globals['_REQUESTBUILDREQUEST']._serialized_start=186
+  _globals['_REQUESTBUILDREQUEST']._serialized_end=249
+  _globals['_REQUESTBUILDRESPONSE']._serialized_start=251
+  _globals['_REQUESTBUILDRESPONSE']._serialized_end=291
+  _globals['_GETBUILDREQUEST']._serialized_start=293
+  _globals['_GETBUILDREQUEST']._serialized_end=328
+  _globals['_BUILDSTATUS']._serialized_start=331
+  _globals['_BUILDSTATUS']._serialized_end=609
+  _globals['_BUILDSTATUS_STATE']._serialized_start=513
+  _globals['_BUILDSTATUS_STATE']._serialized_end=609
+  _globals['_BUILD']._serialized_start=612
+  _globals['_BUILD']._serialized_end=830
 # @@protoc_insertion_point(module_scope)

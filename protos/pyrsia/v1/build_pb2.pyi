@@ -12,6 +12,9 @@ progress; a build id names the authority that owns it, so only that authority an
 
 Acquire is answered with an error message rather than a gRPC error when the upstream
 fails or lies: the coordinator reports every authority's outcome, it never hides one.
+Only an authority in force may ask for an acquisition (it is the coordinator of a build):
+the request is signed by its node key and fresh within minutes; anything else is refused
+with PERMISSION_DENIED, so a peer or an outsider cannot make authorities pull from upstream.
 """
 
 from collections import abc as _abc
@@ -35,16 +38,28 @@ class AcquireRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     PACKAGE_ID_FIELD_NUMBER: _builtins.int
+    REQUESTER_FIELD_NUMBER: _builtins.int
+    TIMESTAMP_MS_FIELD_NUMBER: _builtins.int
+    SIGNATURE_FIELD_NUMBER: _builtins.int
     package_id: _builtins.str
     """docker package id: registry/repository:tag"""
+    requester: _builtins.str
+    """node id of the coordinating authority"""
+    timestamp_ms: _builtins.int
+    """when it asked (Unix ms); refused when minutes off"""
+    signature: _builtins.bytes
+    """Ed25519 by the requester over the canonical request bytes"""
     def __init__(
         self,
         *,
         package_id: _builtins.str = ...,
+        requester: _builtins.str = ...,
+        timestamp_ms: _builtins.int = ...,
+        signature: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["package_id", b"package_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["package_id", b"package_id", "requester", b"requester", "signature", b"signature", "timestamp_ms", b"timestamp_ms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

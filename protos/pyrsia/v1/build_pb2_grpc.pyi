@@ -12,6 +12,9 @@ progress; a build id names the authority that owns it, so only that authority an
 
 Acquire is answered with an error message rather than a gRPC error when the upstream
 fails or lies: the coordinator reports every authority's outcome, it never hides one.
+Only an authority in force may ask for an acquisition (it is the coordinator of a build):
+the request is signed by its node key and fresh within minutes; anything else is refused
+with PERMISSION_DENIED, so a peer or an outsider cannot make authorities pull from upstream.
 """
 
 from collections import abc as _abc

@@ -119,6 +119,8 @@ class Node:
                 self._upstreams(),
                 self.distribution.announce,
                 registry=self.metrics.registry,
+                chain_id=self.genesis.chain_id,
+                authorities=self._validators,
             )
             self.builds = BuildCoordinator(
                 self.identity.node_id,
@@ -217,6 +219,8 @@ class Node:
 
     def _on_commit(self, block: Block, cert: CommitCertificate) -> None:
         if block.records:
+            # Consensus has just appended the block's records: index them from the block.
+            self.catalog.committed(self.ledger.size - len(block.records), block.records)
             self._spawn(self.catalog.refresh(), "catalog-refresh")
 
     def _spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
@@ -284,7 +288,7 @@ class Node:
             self.catalog,
             self.store,
             mode=self.config.mirror_mode,
-            request_build=registry_builds(self.build_client, self.catalog.wait_indexed),
+            request_build=registry_builds(self.build_client, self.catalog),
             build_timeout=self.config.build_timeout,
             fetch=self._fetch_for_registry,
             metrics_registry=self.metrics.registry,

@@ -29,6 +29,9 @@ from pyrsia_node.transfer import (
     Penalties,
     TransferMetrics,
     TransferServicer,
+    add_to_server,
+    decode_chunk,
+    encode_chunk,
 )
 
 pytestmark = pytest.mark.timeout(60)
@@ -63,11 +66,12 @@ class TamperingServicer(TransferServicer):
 
     async def Read(  # noqa: N802
         self, request: transfer_pb2.ReadRequest, context: Any
-    ) -> AsyncIterator[transfer_pb2.Chunk]:
-        async for chunk in super().Read(request, context):
+    ) -> AsyncIterator[bytes]:
+        async for message in super().Read(request, context):
+            chunk = decode_chunk(message)
             data = bytearray(chunk.data)
             data[0] ^= 0xFF
-            yield transfer_pb2.Chunk(offset=chunk.offset, data=bytes(data), sha256=chunk.sha256)
+            yield encode_chunk(chunk.offset, data, chunk.sha256)
 
 
 class SecondChunkTamperingServicer(TransferServicer):
@@ -75,14 +79,15 @@ class SecondChunkTamperingServicer(TransferServicer):
 
     async def Read(  # noqa: N802
         self, request: transfer_pb2.ReadRequest, context: Any
-    ) -> AsyncIterator[transfer_pb2.Chunk]:
+    ) -> AsyncIterator[bytes]:
         index = 0
-        async for chunk in super().Read(request, context):
+        async for message in super().Read(request, context):
+            chunk = decode_chunk(message)
             data = bytearray(chunk.data)
             if index == 1:
                 data[0] ^= 0xFF
             index += 1
-            yield transfer_pb2.Chunk(offset=chunk.offset, data=bytes(data), sha256=chunk.sha256)
+            yield encode_chunk(chunk.offset, data, chunk.sha256)
 
 
 @dataclass
@@ -106,7 +111,7 @@ async def start_provider(
         store.write_sync(digest, [data])
     servicer = servicer_class(store, Uploads(), TransferMetrics(CollectorRegistry()), **limits)
     server = grpc.aio.server()
-    transfer_pb2_grpc.add_TransferServicer_to_server(servicer, server)
+    add_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     node_id = hashlib.sha256(name.encode()).hexdigest()
@@ -346,3 +351,36 @@ async def test_uploads_in_flight_are_counted_on_the_node(
     watcher.cancel()
     assert seen >= 1
     assert uploads.uploads_in_flight == 0
+
+
+async def test_provider_without_the_blob_answers_not_found(
+    tmp_path: Path, servers: list[grpc.aio.Server]
+) -> None:
+    """Also when it is an authority whose upstream cannot supply it: NOT_FOUND, not UNKNOWN."""
+    digest, _ = blob(1024, seed=9)
+
+    async def failing_acquire(wanted: str) -> None:
+        raise NoProviders(wanted)
+
+    store = BlobStore(tmp_path / "authority")
+    servicer = TransferServicer(
+        store, Uploads(), TransferMetrics(CollectorRegistry()), acquire=failing_acquire
+    )
+    server = grpc.aio.server()
+    add_to_server(servicer, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    servers.append(server)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = transfer_pb2_grpc.TransferStub(channel)
+        for acquire in (False, True):
+            with pytest.raises(grpc.aio.AioRpcError) as caught:
+                await stub.Stat(transfer_pb2.StatRequest(digest=digest, acquire=acquire))
+            assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+        assert "no usable provider" in (caught.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            async for _ in stub.Read(
+                transfer_pb2.ReadRequest(digest=digest, offset=0, length=10, chunk_size=CHUNK)
+            ):
+                pass
+        assert caught.value.code() == grpc.StatusCode.NOT_FOUND

@@ -8,7 +8,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from pyrsia.v1 import transfer_pb2
-from pyrsia_node.transfer import ChunkDecodeError, ChunkHashes, ReceivedChunk, decode_chunk
+from pyrsia_node.transfer import (
+    ChunkDecodeError,
+    ChunkHashes,
+    ReceivedChunk,
+    decode_chunk,
+    encode_chunk,
+)
 
 chunks = st.builds(
     transfer_pb2.Chunk,
@@ -26,6 +32,13 @@ def test_decoder_reads_what_protobuf_reads_including_merged_messages(
     raw = b"".join(part.SerializeToString() for part in parts)
     expected = transfer_pb2.Chunk.FromString(raw)
     assert decode_chunk(raw) == ReceivedChunk(expected.offset, expected.data, expected.sha256)
+
+
+@given(chunks)
+def test_encoder_writes_what_protobuf_writes(chunk: transfer_pb2.Chunk) -> None:
+    raw = encode_chunk(chunk.offset, chunk.data, chunk.sha256)
+    assert raw == chunk.SerializeToString(deterministic=True)
+    assert decode_chunk(raw) == ReceivedChunk(chunk.offset, chunk.data, chunk.sha256)
 
 
 def varint(value: int) -> bytes:

@@ -29,7 +29,7 @@ import time
 from typing import TYPE_CHECKING
 
 import grpc
-from pyrsia.v1 import dht_pb2_grpc, transfer_pb2_grpc
+from pyrsia.v1 import dht_pb2_grpc
 
 from pyrsia_node.dht import Dht, DhtServicer, Provider
 from pyrsia_node.metrics import ScoreScraper
@@ -42,6 +42,7 @@ from pyrsia_node.transfer import (
     TransferError,
     TransferMetrics,
     TransferServicer,
+    add_to_server,
 )
 
 if TYPE_CHECKING:
@@ -106,7 +107,7 @@ class Distribution:
     def register(self, server: grpc.aio.Server) -> None:
         """Add the Dht and Transfer services; call before ``server.start()``."""
         dht_pb2_grpc.add_DhtServicer_to_server(DhtServicer(self.dht), server)
-        transfer_pb2_grpc.add_TransferServicer_to_server(self.transfer, server)
+        add_to_server(self.transfer, server)
 
     async def start(self) -> None:
         """Start joining the DHT and announcing every stored blob; returns at once."""

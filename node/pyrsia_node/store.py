@@ -84,7 +84,7 @@ class _TempBlob:
         self._file = os.fdopen(fd, "wb")
         self._path = Path(name)
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes | memoryview) -> None:
         self.size += len(data)
         if self._max_size is not None and self.size > self._max_size:
             raise BlobTooLarge(self._digest, self._max_size)
@@ -172,7 +172,7 @@ class BlobStore:
         await asyncio.to_thread(self.write_sync, digest, (data,))
 
     async def put_stream(
-        self, digest: str, chunks: AsyncIterable[bytes], max_size: int | None = None
+        self, digest: str, chunks: AsyncIterable[bytes | memoryview], max_size: int | None = None
     ) -> int:
         """Ingest a stream; returns its size. Nothing is visible unless the digest matches."""
         temp = await asyncio.to_thread(_TempBlob, self, check_digest(digest), max_size)

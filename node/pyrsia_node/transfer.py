@@ -147,10 +147,13 @@ class ChunkDecodeError(Exception):
 
 @dataclass(frozen=True, slots=True)
 class ReceivedChunk:
-    """A ``Chunk`` decoded straight from its wire bytes (see ``decode_chunk``)."""
+    """A ``Chunk`` decoded straight from its wire bytes (see ``decode_chunk``).
+
+    ``data`` is a view into the received message, not a copy of it.
+    """
 
     offset: int
-    data: bytes
+    data: bytes | memoryview
     sha256: bytes
 
 
@@ -170,13 +173,14 @@ def _varint(raw: bytes, pos: int) -> tuple[int, int]:
 
 
 def decode_chunk(raw: bytes) -> ReceivedChunk:
-    """Decode a serialized ``Chunk`` with one copy of its data, as protobuf would read it.
+    """Decode a serialized ``Chunk`` without copying its data, as protobuf would read it.
 
     Why not ``Chunk.FromString``: it copies the data into the message, and every read of
     ``chunk.data`` copies it again (upb); a chunk is megabytes. Semantics follow protobuf:
     fields in any order, the last occurrence wins, unknown fields are skipped.
     """
-    offset, data, sha256 = 0, b"", b""
+    offset, data, sha256 = 0, memoryview(b""), b""
+    view = memoryview(raw)
     pos, size = 0, len(raw)
     while pos < size:
         key, pos = _varint(raw, pos)
@@ -193,7 +197,7 @@ def decode_chunk(raw: bytes) -> ReceivedChunk:
             if end > size:
                 raise ChunkDecodeError("truncated length-delimited field")
             if field == 2:
-                data = raw[pos:end]
+                data = view[pos:end]
             elif field == 3:
                 sha256 = raw[pos:end]
             pos = end
@@ -206,12 +210,41 @@ def decode_chunk(raw: bytes) -> ReceivedChunk:
     return ReceivedChunk(offset, data, sha256)
 
 
-READ_METHOD = "/pyrsia.v1.Transfer/Read"
+def _encode_varint(value: int) -> bytes:
+    out = bytearray()
+    while value > 0x7F:
+        out.append(value & 0x7F | 0x80)
+        value >>= 7
+    out.append(value)
+    return bytes(out)
 
 
-def _read_chunk(handle: BinaryIO, size: int, known: bytes | None) -> tuple[bytes, bytes]:
+def encode_chunk(offset: int, data: bytes | memoryview, sha256: bytes) -> bytes:
+    """The wire bytes of ``Chunk(offset, data, sha256)``, with one copy of ``data``.
+
+    Fields in number order, as protobuf writes them; ``decode_chunk`` and protobuf both read
+    it (tests/test_transfer_codec.py). The provider builds it in its reader thread, so the
+    event loop only hands finished bytes to gRPC.
+    """
+    head = b"\x08" + _encode_varint(offset) if offset else b""
+    if len(data):
+        head += b"\x12" + _encode_varint(len(data))
+    tail = b"\x1a" + _encode_varint(len(sha256)) + sha256 if sha256 else b""
+    return b"".join((head, data, tail))
+
+
+SERVICE = "pyrsia.v1.Transfer"
+READ_METHOD = f"/{SERVICE}/Read"
+
+
+def _read_chunk(
+    handle: BinaryIO, offset: int, size: int, known: bytes | None
+) -> tuple[bytes, int, bytes]:
+    """Read ``size`` bytes at the handle's position; the encoded ``Chunk``, its data length
+    and the data's SHA-256 (``known`` if the hash was computed before)."""
     data = handle.read(size)
-    return data, known if known is not None else hashlib.sha256(data).digest()
+    digest = known if known is not None else hashlib.sha256(data).digest()
+    return encode_chunk(offset, data, digest), len(data), digest
 
 
 class ChunkHashes:
@@ -243,7 +276,7 @@ class ChunkHashes:
         return table
 
 
-class TransferServicer(transfer_pb2_grpc.TransferServicer):
+class TransferServicer:
     """Serves chunks of local blobs, at most ``max_uploads`` streams at once.
 
     ``acquire`` (authorities only) fetches a blob from its upstream into the store; it runs
@@ -296,7 +329,12 @@ class TransferServicer(transfer_pb2_grpc.TransferServicer):
         except StoreError as exc:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         if not self._store.has(digest) and request.acquire and self._acquire is not None:
-            await self._acquire_once(digest)
+            try:
+                await self._acquire_once(digest)
+            except (TransferError, StoreError) as exc:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"{digest} is not here and was not acquired: {exc}"
+                )
         try:
             size = self._store.size(digest)
         except BlobNotFound:
@@ -309,7 +347,9 @@ class TransferServicer(transfer_pb2_grpc.TransferServicer):
 
     async def Read(  # noqa: N802 (gRPC method name)
         self, request: transfer_pb2.ReadRequest, context: grpc.aio.ServicerContext[object, object]
-    ) -> AsyncIterator[transfer_pb2.Chunk]:
+    ) -> AsyncIterator[bytes]:
+        """Stream the range as encoded ``Chunk`` messages (registered by ``add_to_server``
+        with a pass-through serializer)."""
         if self.active >= self.max_uploads:
             self._metrics.busy_replies.inc()
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, self._busy_message())
@@ -338,15 +378,39 @@ class TransferServicer(transfer_pb2_grpc.TransferServicer):
             offset = request.offset
             while offset < end:
                 key = (offset, min(chunk_size, end - offset))
-                data, digest = await asyncio.to_thread(_read_chunk, handle, key[1], hashes.get(key))
+                message, length, digest = await asyncio.to_thread(
+                    _read_chunk, handle, offset, key[1], hashes.get(key)
+                )
                 hashes[key] = digest
-                yield transfer_pb2.Chunk(offset=offset, data=data, sha256=digest)
-                self._metrics.uploaded_bytes.inc(len(data))
-                offset += len(data)
+                yield message
+                self._metrics.uploaded_bytes.inc(length)
+                offset += length
         finally:
             self.active -= 1
             self._uploads.uploads_in_flight -= 1
             await asyncio.to_thread(handle.close)
+
+
+def _pass_through(message: bytes) -> bytes:
+    return message
+
+
+def add_to_server(servicer: TransferServicer, server: grpc.aio.Server) -> None:
+    """Register the Transfer service; instead of the generated ``add_TransferServicer_to_server``
+    because ``Read`` yields chunks already encoded (``encode_chunk``) in its reader thread."""
+    handlers = {
+        "Stat": grpc.unary_unary_rpc_method_handler(
+            servicer.Stat,
+            request_deserializer=transfer_pb2.StatRequest.FromString,
+            response_serializer=transfer_pb2.StatResponse.SerializeToString,
+        ),
+        "Read": grpc.unary_stream_rpc_method_handler(
+            servicer.Read,
+            request_deserializer=transfer_pb2.ReadRequest.FromString,
+            response_serializer=_pass_through,
+        ),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
 
 @dataclass(slots=True)
@@ -488,7 +552,7 @@ class _Attempt:
         self.chunk_size = downloader.chunk_size
         self.next_offset = 0
         self.pending: list[tuple[int, int]] = []  # heap of (offset, end) not yet taken
-        self.buffer: dict[int, bytes] = {}
+        self.buffer: dict[int, bytes | memoryview] = {}
         self.chunks_by_provider: dict[str, int] = {}
         self.changed = asyncio.Condition()
         self.active: set[asyncio.Task[None]] = set()
@@ -554,7 +618,7 @@ class _Attempt:
         self.active.add(task)
         task.add_done_callback(self.active.discard)
 
-    async def _ordered(self) -> AsyncIterator[bytes]:
+    async def _ordered(self) -> AsyncIterator[bytes | memoryview]:
         while self.next_offset < self.size:
             async with self.changed:
                 await self.changed.wait_for(lambda: self.next_offset in self.buffer or self.failed)
@@ -671,7 +735,13 @@ class _Attempt:
                 await self._give_back(offset, end)
 
     async def _check(
-        self, chunk_offset: int, data: bytes, stated: bytes, offset: int, end: int, hash_it: bool
+        self,
+        chunk_offset: int,
+        data: bytes | memoryview,
+        stated: bytes,
+        offset: int,
+        end: int,
+        hash_it: bool,
     ) -> None:
         """Place and size of every chunk; its stated hash only when ``hash_it`` (check 1)."""
         expected = min(self.chunk_size, end - offset)

@@ -49,8 +49,9 @@ from oci_fixtures import (
     seeded_images,
     upstream_registry,
 )
-from pyrsia.v1 import consensus_pb2, consensus_pb2_grpc
+from pyrsia.v1 import build_pb2, build_pb2_grpc, consensus_pb2, consensus_pb2_grpc
 from pyrsia_node.attestation import attest, parse_statement
+from pyrsia_node.build import acquire_signing_bytes
 from pyrsia_node.genesis import Upstream
 from pyrsia_node.identity import Identity
 from pyrsia_node.ledger.records import Artifact, ArtifactRecord, DsseEnvelope
@@ -426,3 +427,35 @@ async def test_forged_and_under_attested_records_never_commit(mirror: Mirror) ->
             log_records, mirror.http(name), "docker.io/test/multiarch:1.0"
         )
         assert [r["record_hash"] for r in records] == [entry["record_hash"]], name
+
+
+async def test_a_peer_with_a_network_certificate_cannot_make_an_authority_acquire(
+    mirror: Mirror,
+) -> None:
+    peer = mirror.network.node("peer-0")
+    credentials = NodeTls.load(
+        peer.data_dir / "keys", mirror.network.root.joinpath("ca", "ca.crt").read_bytes()
+    ).channel_credentials()
+    authority = mirror.network.node("authority-1").grpc_address
+    options = [("grpc.ssl_target_name_override", TARGET_NAME)]
+    package_id = "docker.io/test/never-built:1.0"
+    async with grpc.aio.secure_channel(authority, credentials, options=options) as channel:
+        stub = build_pb2_grpc.BuildStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as unsigned:
+            await stub.Acquire(build_pb2.AcquireRequest(package_id=package_id), timeout=10)
+        assert unsigned.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        # Signed by the peer's own node key: a valid signature, but not an authority's.
+        peer_key = Identity.from_pem(peer.data_dir.joinpath("keys", "node.key").read_bytes())
+        now = int(time.time() * 1000)
+        genesis = json.loads(mirror.network.root.joinpath("genesis.json").read_text())
+        signed = acquire_signing_bytes(genesis["chain_id"], package_id, peer_key.node_id, now)
+        request = build_pb2.AcquireRequest(
+            package_id=package_id,
+            requester=peer_key.node_id,
+            timestamp_ms=now,
+            signature=peer_key.sign(signed),
+        )
+        with pytest.raises(grpc.aio.AioRpcError) as from_peer:
+            await stub.Acquire(request, timeout=10)
+        assert from_peer.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "not an authority in force" in (from_peer.value.details() or "")

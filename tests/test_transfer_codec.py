@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import hashlib
 
 import pytest
@@ -14,6 +16,7 @@ from pyrsia_node.transfer import (
     ReceivedChunk,
     decode_chunk,
     encode_chunk,
+    tune_allocator,
 )
 
 chunks = st.builds(
@@ -90,3 +93,8 @@ def test_chunk_hashes_are_kept_per_blob_and_range_and_oldest_blob_goes_first() -
     hashes.of("sha256:" + "c" * 64)  # evicts b, the least recently used
     assert hashes.of("sha256:" + "a" * 64)[(0, 4)] == hashlib.sha256(b"abcd").digest()
     assert hashes.of("sha256:" + "b" * 64) == {}
+
+
+def test_allocator_tuning_applies_where_glibc_is() -> None:
+    libc = ctypes.util.find_library("c")
+    assert tune_allocator() is (libc is not None and hasattr(ctypes.CDLL(libc), "mallopt"))

@@ -32,6 +32,7 @@ import grpc
 from pyrsia.v1 import dht_pb2_grpc
 
 from pyrsia_node.dht import Dht, DhtServicer, Provider
+from pyrsia_node.follow import FollowedStore
 from pyrsia_node.metrics import ScoreScraper
 from pyrsia_node.transfer import (
     Acquire,
@@ -43,6 +44,7 @@ from pyrsia_node.transfer import (
     TransferMetrics,
     TransferServicer,
     add_to_server,
+    tune_allocator,
 )
 
 if TYPE_CHECKING:
@@ -69,6 +71,7 @@ class Distribution:
         provider_ttl_seconds: int = 600,
         rng: random.Random | None = None,
     ) -> None:
+        tune_allocator()  # the node serves and receives megabyte chunks (see its docstring)
         self.node = node
         self.origin = origin
         self.republish_interval = republish_interval
@@ -85,7 +88,10 @@ class Distribution:
             republish_interval=republish_interval,
         )
         self.penalties = Penalties()
-        self.downloader = Downloader(node.store, self._channel, self.penalties, self.metrics)
+        # The downloader stores through ``followed``, so the registry can stream a blob to
+        # a client while it downloads (``pyrsia_node.follow``).
+        self.followed = FollowedStore(node.store)
+        self.downloader = Downloader(self.followed, self._channel, self.penalties, self.metrics)
         self.transfer = TransferServicer(
             node.store,
             node,

@@ -27,6 +27,7 @@ from pyrsia_node.consensus import (
     Persist,
     Proposal,
     ProposalReceived,
+    RecordsSubmitted,
     RecordSubmitted,
     RequestSync,
     ScheduleTimeout,
@@ -715,6 +716,13 @@ def test_a_record_ends_the_wait_and_the_proposer_proposes_it() -> None:
     step(core)
     actions = step(core, RecordSubmitted(b"r1"))
     assert [p.block.records for p in proposals_in(actions)] == [(b"r1",)]
+
+
+def test_records_submitted_together_are_proposed_together_in_order() -> None:
+    core = make_core(1, WAIT_FOR_RECORDS)
+    step(core)
+    actions = step(core, RecordsSubmitted((b"r1", b"r2", b"r1")))
+    assert [p.block.records for p in proposals_in(actions)] == [(b"r1", b"r2")]
 
 
 def test_the_empty_block_timeout_starts_round_0_with_an_empty_block() -> None:

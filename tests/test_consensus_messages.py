@@ -21,7 +21,16 @@ from pyrsia_node.consensus import (
 )
 from pyrsia_node.consensus.canonical import CanonicalDecodeError
 from pyrsia_node.consensus.messages import decode_message, encode_message
+from pyrsia_node.consensus.wire import (
+    WireError,
+    compact_proposal_to_pb,
+    compact_record_hashes,
+    message_from_pb,
+    message_to_pb,
+    proposal_from_compact_pb,
+)
 from pyrsia_node.identity import Identity
+from pyrsia_node.merkle import leaf_hash
 
 CHAIN = "pyrsia-test"
 KEYS = [Identity(Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32)) for i in range(5)]
@@ -124,6 +133,26 @@ def test_vote_encoding_round_trips(
 def test_proposal_encoding_round_trips() -> None:
     proposal = Proposal(BLOCK, 3, 1, KEYS[0].public_key, b"\x06" * 64)
     assert decode_message(encode_message(proposal)) == proposal
+
+
+def test_a_compact_proposal_names_its_records_by_leaf_hash_and_round_trips() -> None:
+    proposal = Proposal(BLOCK, 3, 1, KEYS[0].public_key, b"\x06" * 64)
+    compact = compact_proposal_to_pb(proposal).proposal
+    assert compact_record_hashes(compact) == [leaf_hash(b"a"), leaf_hash(b"b")]
+    assert proposal_from_compact_pb(compact, [b"a", b"b"]) == proposal
+    assert compact_record_hashes(message_to_pb(proposal).proposal) is None  # a full block
+    assert message_from_pb(message_to_pb(proposal)) == proposal
+
+
+def test_a_compact_proposal_with_other_records_is_another_block() -> None:
+    proposal = Proposal(BLOCK, 3, 1, KEYS[0].public_key, b"\x06" * 64)
+    compact = compact_proposal_to_pb(proposal).proposal
+    assert proposal_from_compact_pb(compact, [b"a", b"c"]).block.hash != BLOCK.hash
+    with pytest.raises(WireError):
+        proposal_from_compact_pb(compact, [b"a"])
+    compact.compact_block.record_hashes.append(b"short")
+    with pytest.raises(WireError):
+        compact_record_hashes(compact)
 
 
 def test_certificate_canonical_bytes_round_trip() -> None:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,7 +17,16 @@ import pytest
 from prometheus_client import CollectorRegistry
 from pyrsia.v1 import consensus_pb2 as pb
 from pyrsia.v1 import consensus_pb2_grpc as pb_grpc
-from pyrsia_node.consensus import ConsensusConfig, RecordSubmitted, Timeouts
+from pyrsia_node.consensus import (
+    Block,
+    ConsensusConfig,
+    MessageKind,
+    Proposal,
+    ProposalReceived,
+    RecordSubmitted,
+    Timeouts,
+    signing_bytes,
+)
 from pyrsia_node.consensus.blocks import BlockStore
 from pyrsia_node.consensus.mempool import RecordRejected
 from pyrsia_node.consensus.service import (
@@ -25,7 +34,8 @@ from pyrsia_node.consensus.service import (
     GrpcTransport,
     initialize_state,
 )
-from pyrsia_node.consensus.wire import hello_signing_bytes
+from pyrsia_node.consensus.validators import GENESIS_PREV_HASH
+from pyrsia_node.consensus.wire import compact_proposal_to_pb, hello_signing_bytes
 from pyrsia_node.genesis import Authority, Genesis
 from pyrsia_node.identity import Identity
 from pyrsia_node.ledger import TransparencyLog, verify_checkpoint
@@ -36,6 +46,7 @@ from pyrsia_node.ledger.records import (
     DsseEnvelope,
     PackageType,
 )
+from pyrsia_node.merkle import leaf_hash
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -448,3 +459,98 @@ async def test_a_record_event_that_arrives_after_its_commit_is_not_proposed_agai
         assert sorted(ledger.entry(i) for i in range(ledger.size)) == [record(7), record(8)]
     finally:
         await stop(node)
+
+
+class FetchingTransport(RecordingTransport):
+    """Records what the service sends; answers record fetches from `held`."""
+
+    def __init__(self, held: list[bytes]) -> None:
+        super().__init__()
+        self.held = held
+        self.asked: list[list[bytes]] = []
+
+    async def fetch_records(self, peer: bytes, hashes: Sequence[bytes]) -> list[bytes]:
+        self.asked.append(list(hashes))
+        return list(self.held)
+
+
+def signed_proposal(proposer: Identity, records: tuple[bytes, ...]) -> Proposal:
+    block = Block(CHAIN, 1, GENESIS_PREV_HASH, proposer.public_key, records)
+    message = signing_bytes(CHAIN, MessageKind.PROPOSAL, 1, 0, block.hash, -1)
+    return Proposal(block, 0, -1, proposer.public_key, proposer.sign(message))
+
+
+def queued_proposals(service: ConsensusService) -> list[Proposal]:
+    events = []
+    while not service._events.empty():
+        events.append(service._events.get_nowait())
+    return [e.proposal for e in events if isinstance(e, ProposalReceived)]
+
+
+async def test_a_compact_proposal_is_completed_from_the_mempool_and_by_fetching(
+    tmp_path: Path,
+) -> None:
+    nodes = [await make_node(tmp_path, f"authority-{i}") for i in range(4)]
+    genesis = make_genesis(nodes)
+    transport = FetchingTransport([record(2), record(9)])
+    service = ConsensusService(nodes[0].identity, genesis, tmp_path / "consensus", None, transport)
+    proposer = nodes[1].identity
+    assert service.submit(record(1))
+    proposal = signed_proposal(proposer, (record(1), record(2)))
+    envelope = compact_proposal_to_pb(proposal)
+    assert not envelope.proposal.HasField("block")  # the records themselves do not travel
+    service.receive(proposer.public_key, envelope)
+    await asyncio.gather(*service._fetches)
+    assert transport.asked == [[leaf_hash(record(2))]]  # only the one it lacked
+    assert queued_proposals(service) == [proposal]
+    assert service.mempool.get(leaf_hash(record(2))) == record(2)  # admitted, checked
+    assert service.mempool.get(leaf_hash(record(9))) is None  # not asked for: dropped
+    service.receive(proposer.public_key, envelope)  # now complete locally: no fetch
+    assert len(transport.asked) == 1 and queued_proposals(service) == [proposal]
+    for n in nodes:
+        await n.server.stop(None)
+
+
+async def test_a_compact_proposal_whose_records_never_come_does_not_reach_the_core(
+    tmp_path: Path,
+) -> None:
+    nodes = [await make_node(tmp_path, f"authority-{i}") for i in range(4)]
+    genesis = make_genesis(nodes)
+    transport = FetchingTransport([record(3)])  # the sender answers with another record
+    service = ConsensusService(nodes[0].identity, genesis, tmp_path / "consensus", None, transport)
+    proposer = nodes[1].identity
+    service.receive(
+        proposer.public_key, compact_proposal_to_pb(signed_proposal(proposer, (record(2),)))
+    )
+    await asyncio.gather(*service._fetches)
+    assert queued_proposals(service) == []
+    assert len(service.mempool) == 0
+    for n in nodes:
+        await n.server.stop(None)
+
+
+async def test_authorities_serve_pending_records_by_leaf_hash(tmp_path: Path) -> None:
+    nodes = [await make_node(tmp_path, f"authority-{i}") for i in range(4)]
+    genesis = make_genesis(nodes)
+    holder = nodes[0]
+    # Alone (its transport reaches nobody), so its records stay pending.
+    service = ConsensusService(
+        holder.identity, genesis, tmp_path / "consensus", None, RecordingTransport()
+    )
+    service.register(holder.server)
+    await holder.server.start()
+    await service.start()
+    transport = GrpcTransport(
+        nodes[1].identity, CHAIN, grpc.aio.insecure_channel, lambda: int(time.time() * 1000)
+    )
+    try:
+        service.submit(record(5))
+        transport.set_authorities({holder.identity.public_key: holder.address}, stream=False)
+        unknown = leaf_hash(b"never submitted")
+        wanted = [leaf_hash(record(5)), unknown]
+        assert await transport.fetch_records(holder.identity.public_key, wanted) == [record(5)]
+    finally:
+        await transport.close()
+        await service.stop()
+        for n in nodes:
+            await n.server.stop(None)

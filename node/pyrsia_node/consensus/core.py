@@ -189,6 +189,13 @@ class RecordSubmitted:
 
 
 @dataclass(frozen=True, slots=True)
+class RecordsSubmitted:
+    """Several records at once, in order: the same as one `RecordSubmitted` each."""
+
+    records: tuple[bytes, ...]
+
+
+@dataclass(frozen=True, slots=True)
 class CommitReceived:
     """A block and its certificate from block sync."""
 
@@ -196,7 +203,14 @@ class CommitReceived:
     certificate: CommitCertificate
 
 
-Event = ProposalReceived | VoteReceived | TimeoutFired | RecordSubmitted | CommitReceived
+Event = (
+    ProposalReceived
+    | VoteReceived
+    | TimeoutFired
+    | RecordSubmitted
+    | RecordsSubmitted
+    | CommitReceived
+)
 
 
 # Actions ------------------------------------------------------------------------------
@@ -345,6 +359,13 @@ class ConsensusCore:
     def signing_floor(self) -> int | None:
         return self._signing_floor
 
+    def known_blocks(self) -> list[Block]:
+        """The blocks of the current height this node holds: every proposal it counted,
+        its locked and its valid block (what it or others may propose again)."""
+        blocks = [p.block for by_hash in self._proposals.values() for p in by_hash.values()]
+        blocks += [b for b in (self._locked_block, self._valid_block) if b is not None]
+        return blocks
+
     def wal_state(self) -> WalState:
         return WalState(
             self._height,
@@ -390,17 +411,22 @@ class ConsensusCore:
         elif isinstance(event, TimeoutFired):
             self._on_timeout(event.timeout)
         elif isinstance(event, RecordSubmitted):
-            record = event.record
-            if (
-                len(self._pending) < self.config.max_pending_records
-                and record not in self._pending
-                and self._record_valid(record)
-            ):
-                self._pending[record] = None
+            self._add_pending(event.record)
+        elif isinstance(event, RecordsSubmitted):
+            for record in event.records:
+                self._add_pending(record)
         else:
             self._on_commit_received(event.block, event.certificate)
         self._run_rules()
         return self._flush()
+
+    def _add_pending(self, record: bytes) -> None:
+        if (
+            len(self._pending) < self.config.max_pending_records
+            and record not in self._pending
+            and self._record_valid(record)
+        ):
+            self._pending[record] = None
 
     # Plumbing --------------------------------------------------------------------------
 

@@ -2,9 +2,10 @@
 
 A record is admitted once while pending (by its record hash) and never when the ledger
 already holds it; records that are too large, malformed, or would push the pool past its
-count or byte limit are refused with a reason the submitter can act on. The pending
-records themselves live in the core (they are what it proposes); this class only decides
-what reaches it and forgets a record once it is committed.
+count or byte limit are refused with a reason the submitter can act on. The core keeps its
+own list of pending records (they are what it proposes); this class decides what reaches
+it, hands out pending records by leaf hash (to complete compact proposals, here and for
+other authorities) and forgets a record once it is committed.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class Mempool:
         self.limits = limits
         self._is_committed = is_committed
         self._is_valid = is_valid
-        self._pending: dict[bytes, int] = {}
+        self._pending: dict[bytes, bytes] = {}  # leaf hash -> record
         self._bytes = 0
 
     def __len__(self) -> int:
@@ -48,6 +49,10 @@ class Mempool:
 
     def __contains__(self, record: bytes) -> bool:
         return leaf_hash(record) in self._pending
+
+    def get(self, record_hash: bytes) -> bytes | None:
+        """The pending record whose leaf hash is `record_hash`, if any."""
+        return self._pending.get(record_hash)
 
     @property
     def pending_bytes(self) -> int:
@@ -73,12 +78,11 @@ class Mempool:
             raise RecordRejected("mempool is full (record count); retry later")
         if self._bytes + size > self.limits.max_total_bytes:
             raise RecordRejected("mempool is full (bytes); retry later")
-        self._pending[key] = size
+        self._pending[key] = record
         self._bytes += size
         return True
 
     def committed(self, records: Iterable[bytes]) -> None:
         for record in records:
-            size = self._pending.pop(leaf_hash(record), None)
-            if size is not None:
-                self._bytes -= size
+            if self._pending.pop(leaf_hash(record), None) is not None:
+                self._bytes -= len(record)

@@ -13,6 +13,13 @@ the actions it returns, in order:
 * `Broadcast` goes to every other authority through the transport; `RequestSync` fetches
   committed blocks from a peer and feeds them back as `CommitReceived`.
 
+Proposals travel in compact form: their records as leaf hashes, since every authority
+received the records themselves by gossip. A receiver completes a compact proposal from
+its mempool and fetches the records it lacks (`GetRecords`) from the authority that sent
+it, admitting them through the mempool, before the proposal reaches the core; the core
+then checks the block as always (each record pending, i.e. checked at admission, or
+checked now), so no record is voted for unchecked.
+
 Records submitted to this node are gossiped to every other authority in one
 `RecordBatch` per event-loop turn; a record event whose record has left the mempool
 (committed meanwhile) never reaches the core, so no record is proposed twice, and the core
@@ -33,7 +40,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import lru_cache, partial
 from pathlib import Path
 from typing import Protocol
@@ -56,6 +63,7 @@ from pyrsia_node.consensus.core import (
     Event,
     Persist,
     ProposalReceived,
+    RecordsSubmitted,
     RecordSubmitted,
     RequestSync,
     ScheduleTimeout,
@@ -72,9 +80,12 @@ from pyrsia_node.consensus.wire import (
     WireError,
     committed_from_pb,
     committed_to_pb,
+    compact_proposal_to_pb,
+    compact_record_hashes,
     hello_signing_bytes,
     message_from_pb,
     message_to_pb,
+    proposal_from_compact_pb,
     verify_hello,
 )
 from pyrsia_node.genesis import Genesis
@@ -98,6 +109,7 @@ WAL_FILE = "wal"
 BLOCKS_FILE = "blocks"
 SYNC_BATCH = 64
 MAX_BLOCKS_PER_REQUEST = 256
+MAX_RECORDS_PER_REQUEST = 10_000  # a block's worth (ConsensusConfig.max_block_records)
 RECONNECT_SECONDS = 0.5
 FETCH_TIMEOUT_SECONDS = 10.0
 # Record gossip is batched per event-loop turn, up to this many bytes per envelope (well
@@ -132,6 +144,9 @@ class ConsensusTransport(Protocol):
         self, peer: bytes, from_height: int, limit: int, follow: bool
     ) -> AsyncIterator[pb.CommittedBlock]:
         """Committed blocks from `peer`, from `from_height` on."""
+
+    async def fetch_records(self, peer: bytes, hashes: Sequence[bytes]) -> list[bytes]:
+        """The pending records `peer` holds among those with these leaf hashes."""
 
     async def close(self) -> None: ...
 
@@ -227,6 +242,20 @@ class GrpcTransport:
         finally:
             await channel.close(None)
 
+    async def fetch_records(self, peer: bytes, hashes: Sequence[bytes]) -> list[bytes]:
+        address = self._addresses.get(peer)
+        if address is None:
+            return []
+        channel = self._channel(address)
+        try:
+            stub = pb_grpc.ConsensusStub(channel)
+            response = await stub.GetRecords(
+                pb.GetRecordsRequest(hashes=list(hashes)), timeout=FETCH_TIMEOUT_SECONDS
+            )
+            return list(response.records)
+        finally:
+            await channel.close(None)
+
     async def close(self) -> None:
         for task in self._senders.values():
             task.cancel()
@@ -290,6 +319,11 @@ class ConsensusService:
         # Records submitted here and not yet gossiped: sent in one batch per loop turn.
         self._gossip: list[bytes] = []
         self._gossip_scheduled = False
+        # Records admitted during this event-loop turn: they reach the core as one event.
+        self._admitted: list[bytes] = []
+        # Compact proposals (by signature) whose missing records are being fetched.
+        self._completing: set[bytes] = set()
+        self._fetches: set[asyncio.Task[None]] = set()
 
     # Wiring -----------------------------------------------------------------------------
 
@@ -386,7 +420,11 @@ class ConsensusService:
         for handle in self._timers:
             handle.cancel()
         self._timers.clear()
-        tasks = [*self._tasks, *([self._sync_task] if self._sync_task else [])]
+        tasks = [
+            *self._tasks,
+            *self._fetches,
+            *([self._sync_task] if self._sync_task else []),
+        ]
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -430,8 +468,15 @@ class ConsensusService:
     def _admit(self, record: bytes) -> bool:
         if not self.mempool.admit(record):
             return False
-        self._events.put_nowait(RecordSubmitted(record))
+        if not self._admitted:
+            asyncio.get_running_loop().call_soon(self._hand_admitted_to_core)
+        self._admitted.append(record)
         return True
+
+    def _hand_admitted_to_core(self) -> None:
+        if self._admitted:
+            self._events.put_nowait(RecordsSubmitted(tuple(self._admitted)))
+            self._admitted = []
 
     def receive(self, sender: bytes, envelope: pb.ConsensusEnvelope) -> None:
         """An envelope from the authenticated authority `sender`."""
@@ -449,6 +494,10 @@ class ConsensusService:
                     self._admit(record)
             return
         try:
+            hashes = compact_record_hashes(envelope.proposal) if body == "proposal" else None
+            if hashes is not None:
+                self._receive_compact(sender, envelope.proposal, hashes)
+                return
             message = message_from_pb(envelope)
         except (WireError, ValueError) as exc:
             log.warning("consensus: malformed message from %s: %s", sender.hex()[:16], exc)
@@ -459,6 +508,79 @@ class ConsensusService:
             else VoteReceived(message, sender)
         )
         self._events.put_nowait(event)
+
+    def _receive_compact(
+        self, sender: bytes, message: pb.ConsensusProposal, hashes: list[bytes]
+    ) -> None:
+        records = _complete(hashes, self.mempool.get)
+        if records is not None:
+            proposal = proposal_from_compact_pb(message, records)
+            self._events.put_nowait(ProposalReceived(proposal, sender))
+            return
+        if message.signature in self._completing or len(self._completing) >= 16:
+            return  # a retransmission of one being completed, or too many at once
+        self._completing.add(message.signature)
+        missing = [h for h in hashes if self.mempool.get(h) is None]
+        task = asyncio.create_task(
+            self._complete_proposal(sender, message, hashes, missing),
+            name="consensus-complete-proposal",
+        )
+        self._fetches.add(task)
+        task.add_done_callback(self._fetches.discard)
+
+    async def _complete_proposal(
+        self,
+        sender: bytes,
+        message: pb.ConsensusProposal,
+        hashes: list[bytes],
+        missing: list[bytes],
+    ) -> None:
+        """Fetch a compact proposal's missing records from `sender` (which proposed or
+        holds the block), admit them, and hand the whole proposal to the core."""
+        try:
+            fetched = await self.transport.fetch_records(sender, missing)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("consensus: fetching records from %s failed: %s", sender.hex()[:16], exc)
+            return
+        finally:
+            self._completing.discard(message.signature)
+        wanted = set(missing)
+        found: dict[bytes, bytes] = {}
+        for record in fetched:
+            key = leaf_hash(record)
+            if key in wanted:
+                found[key] = record
+                with contextlib.suppress(RecordRejected):
+                    self._admit(record)
+        self._hand_admitted_to_core()  # before the proposal that needs them
+        records = _complete(
+            hashes, lambda key: found[key] if key in found else self.mempool.get(key)
+        )
+        if records is None:
+            log.debug("consensus: %s did not supply its proposal's records", sender.hex()[:16])
+            return
+        try:
+            proposal = proposal_from_compact_pb(message, records)
+        except (WireError, ValueError) as exc:
+            log.warning("consensus: malformed proposal from %s: %s", sender.hex()[:16], exc)
+            return
+        self._events.put_nowait(ProposalReceived(proposal, sender))
+
+    def records_by_hash(self, hashes: Sequence[bytes]) -> list[bytes]:
+        """The records among `hashes` this node holds: pending, or in a block of the
+        current height (a proposal it may be asked to complete after a restart)."""
+        found = []
+        missing = []
+        for key in hashes:
+            record = self.mempool.get(key)
+            if record is None:
+                missing.append(key)
+            else:
+                found.append(record)
+        if missing and self._core is not None:
+            known = {leaf_hash(r): r for block in self._core.known_blocks() for r in block.records}
+            found += [known[key] for key in missing if key in known]
+        return found
 
     async def blocks_from(
         self, from_height: int, limit: int, follow: bool
@@ -492,14 +614,13 @@ class ConsensusService:
         while True:
             event = await self._events.get()
             core = self.core
-            if (
-                isinstance(event, RecordSubmitted)
-                and event is not _START
-                and event.record not in self.mempool
-            ):
-                # Committed (or synced) since it was admitted: proposing it again would put
-                # it in the log twice.
-                continue
+            # A record committed (or synced) since it was admitted must not reach the core:
+            # proposing it again would put it in the log twice.
+            if isinstance(event, RecordSubmitted) and event is not _START:
+                if event.record not in self.mempool:
+                    continue
+            elif isinstance(event, RecordsSubmitted):
+                event = RecordsSubmitted(tuple(r for r in event.records if r in self.mempool))
             height, round_ = core.height, core.round
             actions = core.start() if event is _START else core.handle(event)
             self._count_round_changes(height, round_)
@@ -528,7 +649,12 @@ class ConsensusService:
             if isinstance(action, Persist):
                 await asyncio.to_thread(self._wal.append, action.state)
             elif isinstance(action, Broadcast):
-                self.transport.broadcast(message_to_pb(action.message))
+                message = action.message
+                self.transport.broadcast(
+                    compact_proposal_to_pb(message)
+                    if isinstance(message, Proposal)
+                    else message_to_pb(message)
+                )
             elif isinstance(action, ScheduleTimeout):
                 self._schedule(loop, action)
             elif isinstance(action, Commit):
@@ -731,6 +857,17 @@ class ConsensusService:
         return True
 
 
+def _complete(hashes: list[bytes], lookup: Callable[[bytes], bytes | None]) -> list[bytes] | None:
+    """The records for `hashes` in order, or None when `lookup` lacks one."""
+    records = []
+    for key in hashes:
+        record = lookup(key)
+        if record is None:
+            return None
+        records.append(record)
+    return records
+
+
 def _canonical_record(record: bytes) -> bool:
     try:
         decode_record(record)
@@ -793,6 +930,20 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
             request.from_height, request.limit, request.follow
         ):
             yield committed_to_pb(block, cert)
+
+    async def GetRecords(  # noqa: N802 (gRPC method name)
+        self,
+        request: pb.GetRecordsRequest,
+        context: grpc.aio.ServicerContext[pb.GetRecordsRequest, pb.GetRecordsResponse],
+    ) -> pb.GetRecordsResponse:
+        if not self._service.started:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "consensus is starting; retry")
+        if len(request.hashes) > MAX_RECORDS_PER_REQUEST:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"at most {MAX_RECORDS_PER_REQUEST} records per request",
+            )
+        return pb.GetRecordsResponse(records=self._service.records_by_hash(request.hashes))
 
     async def SubmitRecord(  # noqa: N802 (gRPC method name)
         self,

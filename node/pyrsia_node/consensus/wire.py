@@ -4,9 +4,17 @@ Protobuf is only the carrier: every signature is checked against canonical bytes
 from the fields (`messages.signing_bytes`, `hello_signing_bytes`), never against protobuf
 encodings. Decoding raises `WireError` on anything malformed; it does not verify
 signatures (the core and `verify_hello` do).
+
+Proposals go between authorities in compact form (`compact_proposal_to_pb`): the block's
+records as leaf hashes, which the receiver resolves from records it holds
+(`compact_record_hashes`, then `proposal_from_compact_pb`). The rebuilt block is hashed
+from the records themselves, so a wrong record for a hash cannot pass the proposer's
+signature.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from pyrsia.v1 import consensus_pb2 as pb
 
@@ -23,6 +31,7 @@ from pyrsia_node.consensus.messages import (
 )
 from pyrsia_node.consensus.validators import HASH_SIZE, PUBLIC_KEY_SIZE
 from pyrsia_node.identity import verify_signature
+from pyrsia_node.merkle import leaf_hash
 
 HELLO_DOMAIN = b"pyrsia/consensus-stream/v1\x00"
 HELLO_MAX_AGE_MS = 60_000
@@ -146,6 +155,60 @@ def message_from_pb(envelope: pb.ConsensusEnvelope) -> ConsensusMessage:
             vote_type, v.height, v.round, block_hash, _key(v.validator, "voter"), v.signature
         )
     raise WireError(f"envelope carries {body!r}, not a proposal or vote")
+
+
+def compact_proposal_to_pb(proposal: Proposal) -> pb.ConsensusEnvelope:
+    """`proposal` with its block's records replaced by their leaf hashes."""
+    block = proposal.block
+    return pb.ConsensusEnvelope(
+        proposal=pb.ConsensusProposal(
+            compact_block=pb.CompactBlock(
+                chain_id=block.chain_id,
+                height=block.height,
+                prev_hash=block.prev_hash,
+                proposer=block.proposer,
+                record_hashes=[leaf_hash(record) for record in block.records],
+            ),
+            round=proposal.round,
+            valid_round=proposal.valid_round,
+            proposer=proposal.proposer,
+            signature=proposal.signature,
+        )
+    )
+
+
+def compact_record_hashes(message: pb.ConsensusProposal) -> list[bytes] | None:
+    """The leaf hashes of a compact proposal's records; None for a proposal carrying its
+    block in full."""
+    if not message.HasField("compact_block"):
+        return None
+    hashes = list(message.compact_block.record_hashes)
+    for value in hashes:
+        _hash(value, "compact block record hash")
+    return hashes
+
+
+def proposal_from_compact_pb(message: pb.ConsensusProposal, records: Sequence[bytes]) -> Proposal:
+    """The proposal of a compact `message` whose records, in order, are `records`."""
+    compact = message.compact_block
+    if len(records) != len(compact.record_hashes):
+        raise WireError(
+            f"compact block names {len(compact.record_hashes)} records, got {len(records)}"
+        )
+    block = Block(
+        compact.chain_id,
+        compact.height,
+        _hash(compact.prev_hash, "block prev_hash"),
+        _key(compact.proposer, "block proposer"),
+        tuple(records),
+    )
+    return Proposal(
+        block,
+        message.round,
+        message.valid_round,
+        _key(message.proposer, "proposer"),
+        message.signature,
+    )
 
 
 def hello_signing_bytes(chain_id: str, sender: bytes, receiver: bytes, timestamp_ms: int) -> bytes:

@@ -81,7 +81,47 @@ class ConsensusBlock(_message.Message):
 Global___ConsensusBlock: _TypeAlias = ConsensusBlock  # noqa: Y015
 
 @_typing.final
+class CompactBlock(_message.Message):
+    """A block by reference: its records named by their RFC 9162 leaf hashes
+    (SHA-256(0x00 || record)). The receiver takes the records from its pool of pending
+    records (they were gossiped to it) and fetches the ones it lacks with GetRecords from
+    the node that sent the proposal; the block and its hash are then rebuilt as usual.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHAIN_ID_FIELD_NUMBER: _builtins.int
+    HEIGHT_FIELD_NUMBER: _builtins.int
+    PREV_HASH_FIELD_NUMBER: _builtins.int
+    PROPOSER_FIELD_NUMBER: _builtins.int
+    RECORD_HASHES_FIELD_NUMBER: _builtins.int
+    chain_id: _builtins.str
+    height: _builtins.int
+    prev_hash: _builtins.bytes
+    proposer: _builtins.bytes
+    @_builtins.property
+    def record_hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        chain_id: _builtins.str = ...,
+        height: _builtins.int = ...,
+        prev_hash: _builtins.bytes = ...,
+        proposer: _builtins.bytes = ...,
+        record_hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chain_id", b"chain_id", "height", b"height", "prev_hash", b"prev_hash", "proposer", b"proposer", "record_hashes", b"record_hashes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CompactBlock: _TypeAlias = CompactBlock  # noqa: Y015
+
+@_typing.final
 class ConsensusProposal(_message.Message):
+    """Exactly one of block and compact_block is set."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     BLOCK_FIELD_NUMBER: _builtins.int
@@ -89,6 +129,7 @@ class ConsensusProposal(_message.Message):
     VALID_ROUND_FIELD_NUMBER: _builtins.int
     PROPOSER_FIELD_NUMBER: _builtins.int
     SIGNATURE_FIELD_NUMBER: _builtins.int
+    COMPACT_BLOCK_FIELD_NUMBER: _builtins.int
     round: _builtins.int
     valid_round: _builtins.int
     """-1: none"""
@@ -96,6 +137,8 @@ class ConsensusProposal(_message.Message):
     signature: _builtins.bytes
     @_builtins.property
     def block(self) -> Global___ConsensusBlock: ...
+    @_builtins.property
+    def compact_block(self) -> Global___CompactBlock: ...
     def __init__(
         self,
         *,
@@ -104,10 +147,11 @@ class ConsensusProposal(_message.Message):
         valid_round: _builtins.int = ...,
         proposer: _builtins.bytes = ...,
         signature: _builtins.bytes = ...,
+        compact_block: Global___CompactBlock | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["block", b"block"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "compact_block", b"compact_block"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "proposer", b"proposer", "round", b"round", "signature", b"signature", "valid_round", b"valid_round"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["block", b"block", "compact_block", b"compact_block", "proposer", b"proposer", "round", b"round", "signature", b"signature", "valid_round", b"valid_round"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -492,3 +536,47 @@ class SubmitRecordsResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SubmitRecordsResponse: _TypeAlias = SubmitRecordsResponse  # noqa: Y015
+
+@_typing.final
+class GetRecordsRequest(_message.Message):
+    """Pending records by leaf hash, for a node completing a CompactBlock."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    HASHES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def hashes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        hashes: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["hashes", b"hashes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecordsRequest: _TypeAlias = GetRecordsRequest  # noqa: Y015
+
+@_typing.final
+class GetRecordsResponse(_message.Message):
+    """The records the server holds among those asked for, in any order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RECORDS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.bytes]: ...
+    def __init__(
+        self,
+        *,
+        records: _abc.Iterable[_builtins.bytes] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetRecordsResponse: _TypeAlias = GetRecordsResponse  # noqa: Y015

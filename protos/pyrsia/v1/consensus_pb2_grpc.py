@@ -54,6 +54,11 @@ class ConsensusStub:
                 request_serializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsRequest.SerializeToString,
                 response_deserializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsResponse.FromString,
                 _registered_method=True)
+        self.GetRecords = channel.unary_unary(
+                '/pyrsia.v1.Consensus/GetRecords',
+                request_serializer=pyrsia_dot_v1_dot_consensus__pb2.GetRecordsRequest.SerializeToString,
+                response_deserializer=pyrsia_dot_v1_dot_consensus__pb2.GetRecordsResponse.FromString,
+                _registered_method=True)
 
 
 class ConsensusServicer:
@@ -88,6 +93,13 @@ class ConsensusServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRecords(self, request, context):
+        """Pending records by leaf hash (for compact proposals whose records the asker lacks).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ConsensusServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -110,6 +122,11 @@ def add_ConsensusServicer_to_server(servicer, server):
                     servicer.SubmitRecords,
                     request_deserializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsRequest.FromString,
                     response_serializer=pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsResponse.SerializeToString,
+            ),
+            'GetRecords': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecords,
+                    request_deserializer=pyrsia_dot_v1_dot_consensus__pb2.GetRecordsRequest.FromString,
+                    response_serializer=pyrsia_dot_v1_dot_consensus__pb2.GetRecordsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -220,6 +237,33 @@ class Consensus:
             '/pyrsia.v1.Consensus/SubmitRecords',
             pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsRequest.SerializeToString,
             pyrsia_dot_v1_dot_consensus__pb2.SubmitRecordsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecords(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/pyrsia.v1.Consensus/GetRecords',
+            pyrsia_dot_v1_dot_consensus__pb2.GetRecordsRequest.SerializeToString,
+            pyrsia_dot_v1_dot_consensus__pb2.GetRecordsResponse.FromString,
             options,
             channel_credentials,
             insecure,

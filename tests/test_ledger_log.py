@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -15,8 +16,17 @@ from typing import Any
 import pytest
 from pyrsia_node import merkle
 from pyrsia_node.identity import Identity
+from pyrsia_node.ledger import log as log_module
 from pyrsia_node.ledger.checkpoint import Checkpoint, SignedNote, sign
-from pyrsia_node.ledger.log import EntryNotFound, LogError, LogLocked, TransparencyLog
+from pyrsia_node.ledger.log import (
+    EntryNotFound,
+    LogCorrupted,
+    LogError,
+    LogLocked,
+    TransparencyLog,
+    tree_length,
+    tree_position,
+)
 from pyrsia_node.ledger.records import GovernanceAction, GovernanceRecord, RecordError
 
 # Shared verbatim with the writer subprocess, which must not import pytest (start-up time).
@@ -168,17 +178,148 @@ def test_checkpoints_are_stored_only_for_this_logs_roots(log: TransparencyLog) -
         log.put_checkpoint(SignedNote(beyond.body(), (sign(beyond, "a", key),)).format())
 
 
-def test_integrity_check_detects_a_tampered_node(tmp_path: Path) -> None:
-    import sqlite3
+def test_tree_positions_follow_the_append_order() -> None:
+    """tree.dat holds each perfect subtree at tree_position(level, index), written in the
+    order appends complete them: every size's file is the previous one plus new hashes."""
+    written: list[tuple[int, int]] = []
+    for size in range(1, 200):
+        index, level = size - 1, 0
+        written.append((0, index))
+        while (index >> level) & 1:
+            level += 1
+            written.append((level, index >> level))
+        assert len(written) == tree_length(size)
+    assert [tree_position(level, index) for level, index in written] == list(range(len(written)))
 
+
+def test_integrity_check_detects_a_tampered_node(tmp_path: Path) -> None:
     with TransparencyLog(tmp_path) as log:
         log.append([record(i) for i in range(8)])
+    with open(tmp_path / "tree.dat", "r+b") as tree:
+        tree.seek(tree_position(2, 1) * 32)
+        tree.write(bytes(32))
+    with TransparencyLog(tmp_path) as log, pytest.raises(LogCorrupted, match="tree nodes"):
+        log.verify_integrity()
+
+
+def test_integrity_check_detects_a_damaged_lookup_index(tmp_path: Path) -> None:
+    with TransparencyLog(tmp_path, index_batch=4) as log:
+        log.append([record(i) for i in range(8)])
     db = sqlite3.connect(tmp_path / "log.sqlite3")
-    db.execute("UPDATE nodes SET hash = ? WHERE level = 2 AND pos = 1", (bytes(32),))
+    db.execute("DELETE FROM leaf_index WHERE idx = 5")
     db.commit()
     db.close()
-    with TransparencyLog(tmp_path) as log, pytest.raises(LogError, match="tree nodes"):
+    with TransparencyLog(tmp_path) as log, pytest.raises(LogCorrupted, match="record-hash"):
         log.verify_integrity()
+
+
+def test_bytes_past_the_committed_size_are_cut_on_open(tmp_path: Path) -> None:
+    with TransparencyLog(tmp_path) as log:
+        log.append([record(i) for i in range(5)])
+        root = log.root()
+    for name in ("records.dat", "offsets.dat", "tree.dat"):
+        with open(tmp_path / name, "ab") as f:
+            f.write(b"\xff" * 100)  # what a writer killed before its commit leaves
+    with TransparencyLog(tmp_path) as log:
+        assert log.size == 5
+        assert log.root() == root
+        log.append([record(5)])
+        log.verify_integrity()
+
+
+def test_a_data_file_shorter_than_the_committed_size_is_corruption(tmp_path: Path) -> None:
+    with TransparencyLog(tmp_path) as log:
+        log.append([record(i) for i in range(5)])
+    os.truncate(tmp_path / "records.dat", 10)
+    with pytest.raises(LogCorrupted, match=r"records\.dat"):
+        TransparencyLog(tmp_path)
+
+
+def test_lookups_span_the_flushed_indexes_and_the_pending_entries(tmp_path: Path) -> None:
+    with TransparencyLog(tmp_path, index_batch=20) as log:
+        for start in range(0, 57, 8):
+            log.append([record(i) for i in range(start, min(start + 8, 57))])
+        log.append([record(3)])  # a second copy: lookups still give the first index
+        assert log.index_of(merkle.leaf_hash(record(3))) == 3
+        assert log.index_of(merkle.leaf_hash(record(50))) == 50
+        package = "docker.io/library/pkg3:latest"
+        expected = [57, *sorted((i for i in range(57) if i % 7 == 3 and i % 3 == 0), reverse=True)]
+        assert log.find_package(package) == expected
+        assert log.find_package(package, limit=2, before=50) == [i for i in expected if i < 50][:2]
+        log.verify_integrity()
+    with TransparencyLog(tmp_path) as again:
+        assert again.index_of(merkle.leaf_hash(record(50))) == 50
+        assert again.find_package(package) == expected
+        again.verify_integrity()
+
+
+def test_package_search_survives_colliding_index_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The package index is keyed by 64 bits of the id's hash; a collision someone made on
+    purpose must not mix packages, so every hit is checked against its record."""
+    monkeypatch.setattr(log_module, "_package_key", lambda package_id: 7)
+    with TransparencyLog(tmp_path, index_batch=10) as log:
+        log.append([record(i) for i in range(30)])
+        assert log.find_package("docker.io/library/pkg2:v2") == [2]
+        assert log.find_package("docker.io/library/pkg3:latest", limit=2) == [24, 3]
+        log.verify_integrity()
+
+
+def test_governance_records_are_indexed_by_position(log: TransparencyLog) -> None:
+    governance = Identity.generate()
+    changes = [
+        GovernanceRecord.create(governance, "c", n, GovernanceAction.REMOVE, "a", bytes(32))
+        for n in (1, 2)
+    ]
+    log.append([record(0), changes[0].encode(), record(2)])
+    log.append([changes[1].encode()])
+    assert log.governance_indexes() == [1, 3]
+    assert log.governance_indexes(3) == [1]
+    with pytest.raises(EntryNotFound):
+        log.governance_indexes(5)
+
+
+SCHEMA_1 = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
+CREATE TABLE entries (idx INTEGER PRIMARY KEY, leaf BLOB NOT NULL, data BLOB NOT NULL);
+CREATE INDEX entries_by_leaf ON entries (leaf);
+CREATE TABLE nodes (
+    level INTEGER NOT NULL, pos INTEGER NOT NULL, hash BLOB NOT NULL,
+    PRIMARY KEY (level, pos)) WITHOUT ROWID;
+CREATE TABLE packages (
+    package_id TEXT NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (package_id, idx)) WITHOUT ROWID;
+CREATE TABLE checkpoints (size INTEGER PRIMARY KEY, note TEXT NOT NULL);
+INSERT INTO meta VALUES ('schema', 1);
+"""
+
+
+def test_a_schema_1_log_is_migrated_on_open(tmp_path: Path) -> None:
+    """Logs written before the data files existed keep their entries and checkpoints."""
+    records = [record(i) for i in range(23)]
+    reference = merkle.MemoryTree([merkle.leaf_hash(r) for r in records])
+    checkpoint = Checkpoint("pyrsia.io/test", 20, reference.root(20))
+    note = SignedNote(checkpoint.body(), (sign(checkpoint, "a", Identity.generate()),)).format()
+    db = sqlite3.connect(tmp_path / "log.sqlite3")
+    db.executescript(SCHEMA_1)
+    db.executemany(
+        "INSERT INTO entries VALUES (?, ?, ?)",
+        [(i, merkle.leaf_hash(r), r) for i, r in enumerate(records)],
+    )
+    db.execute("INSERT INTO checkpoints VALUES (20, ?)", (note,))
+    db.commit()
+    db.close()
+    with TransparencyLog(tmp_path, index_batch=10) as log:
+        assert log.size == 23
+        assert log.root() == reference.root()
+        assert log.entry(22) == records[22]
+        assert log.checkpoint(20) == note
+        assert log.find_package("docker.io/library/pkg1:v1") == [1]
+        log.verify_integrity()
+    tables = sqlite3.connect(tmp_path / "log.sqlite3").execute(
+        "SELECT name FROM sqlite_master WHERE type = 'table'"
+    )
+    assert {"entries", "nodes"}.isdisjoint(name for (name,) in tables)
 
 
 WRITER_LOOP = textwrap.dedent(
@@ -187,7 +328,8 @@ WRITER_LOOP = textwrap.dedent(
     from pathlib import Path
     from pyrsia_node.ledger.log import TransparencyLog
 
-    log = TransparencyLog(Path(sys.argv[1]))
+    # A small index batch puts index flushes among the instants the kill can land on.
+    log = TransparencyLog(Path(sys.argv[1]), index_batch=int(sys.argv[3]))
     rng = random.Random(int(sys.argv[2]))
     print("ready", log.size, flush=True)
     while True:
@@ -203,21 +345,23 @@ WRITER = RECORD_SOURCE + WRITER_LOOP
 @pytest.mark.slow
 def test_writer_killed_at_random_points_leaves_a_whole_batch(tmp_path: Path) -> None:
     """SIGKILL a writer subprocess 120 times at random instants (some before it even opened
-    the log); after each, the reopened log holds exactly the last committed batch, every
-    entry intact, and proofs against the previous state verify."""
+    the log, many inside an append: writing the data files, syncing them, committing the
+    size, flushing the lookup indexes); after each, the reopened log holds exactly the last
+    committed batch, every entry intact, lookups find them, and proofs against the previous
+    state verify."""
     directory = tmp_path / "ledger"
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
     rng = random.Random(1234)
     expected = merkle.MemoryTree()
     env = {**os.environ, "PYTHONDONTWRITEBYTECODE": "1"}
-    deadline = time.monotonic() + 90
+    deadline = time.monotonic() + 180  # 41-59 s measured on 2 cores at load average 5-9
     kills_while_writing = 0
     for attempt in range(120):
         assert time.monotonic() < deadline, "crash test exceeded its time budget"
         before = expected.size
         proc = subprocess.Popen(
-            [sys.executable, str(script), str(directory), str(attempt)],
+            [sys.executable, str(script), str(directory), str(attempt), str(rng.randint(5, 60))],
             stdout=subprocess.PIPE,
             text=True,
             env=env,
@@ -264,7 +408,13 @@ def test_writer_killed_at_random_points_leaves_a_whole_batch(tmp_path: Path) -> 
                     log.inclusion_proof(index),
                     log.root(),
                 )
-            if attempt % 20 == 19:
+            if log.size:
+                index = rng.randrange(log.size)
+                assert log.index_of(merkle.leaf_hash(record(index))) == index
+                tag = f"v{index}" if index % 3 else "latest"
+                package = f"docker.io/library/pkg{index % 7}:{tag}"
+                assert index in log.find_package(package, limit=log.size)
+            if attempt % 10 == 9:
                 log.verify_integrity()
     assert expected.size > 0
     assert kills_while_writing >= 20, "too few kills landed inside an append"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import struct
 
 import pytest
 from hypothesis import given, settings
@@ -19,6 +20,7 @@ from pyrsia_node.ledger.records import (
     GovernanceSignatureError,
     PackageType,
     RecordError,
+    check_record,
     decode_record,
     docker_package_id,
     maven_package_id,
@@ -240,3 +242,114 @@ def test_decode_accepts_only_canonical_bytes(data: st.DataObject) -> None:
     except RecordError:
         return
     assert record.encode() == mutated
+
+
+# check_record: the log's fast check accepts exactly what decode_record accepts ------------
+
+
+def _str16(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack(">H", len(raw)) + raw
+
+
+def raw_artifact_record(
+    package_type: int = 1,
+    package_id: str = "docker.io/library/alpine:3.19",
+    artifacts: tuple[tuple[str, int, str], ...] = ((f"sha256:{1:064x}", 5, "a/b"),),
+    envelopes: tuple[tuple[str, bytes, tuple[tuple[str, bytes], ...]], ...] = (
+        (IN_TOTO_PAYLOAD_TYPE, b"{}", (("k", b"s"),)),
+    ),
+) -> bytes:
+    """Artifact record bytes written field by field, without the dataclasses' checks."""
+    out = [bytes((1, 1, package_type)), _str16(package_id), struct.pack(">H", len(artifacts))]
+    for digest, size, media_type in artifacts:
+        out += [_str16(digest), struct.pack(">Q", size), _str16(media_type)]
+    out.append(struct.pack(">H", len(envelopes)))
+    for payload_type, payload, signatures in envelopes:
+        out += [_str16(payload_type), struct.pack(">I", len(payload)), payload]
+        out.append(struct.pack(">H", len(signatures)))
+        for keyid, sig in signatures:
+            out += [_str16(keyid), struct.pack(">H", len(sig)), sig]
+    return b"".join(out)
+
+
+def assert_check_agrees_with_decode(data: bytes) -> None:
+    try:
+        record = decode_record(data)
+    except RecordError:
+        with pytest.raises(RecordError):
+            check_record(data)
+        return
+    expected = record.package_id if isinstance(record, ArtifactRecord) else None
+    assert check_record(data) == expected
+
+
+DIGEST = f"sha256:{1:064x}"
+ENVELOPE = (IN_TOTO_PAYLOAD_TYPE, b"{}", (("k", b"s"),))
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        raw_artifact_record(),
+        raw_artifact_record(package_type=2, package_id="org.example:lib:1.0"),
+        raw_artifact_record(package_type=3),
+        raw_artifact_record(package_id="Docker.io/UPPER:1"),
+        raw_artifact_record(package_type=2, package_id="only:two"),
+        raw_artifact_record(package_id="docker.io/library/alpine:3.19\x07"),
+        raw_artifact_record(artifacts=()),
+        raw_artifact_record(artifacts=((DIGEST, 1, "a"), (DIGEST, 2, "b"))),
+        raw_artifact_record(artifacts=(("sha256:XYZ", 1, "a"),)),
+        raw_artifact_record(artifacts=((DIGEST, 1, "tab\there"),)),
+        raw_artifact_record(envelopes=()),
+        raw_artifact_record(envelopes=(ENVELOPE, ENVELOPE)),
+        raw_artifact_record(envelopes=(("text/plain", b"{}", (("k", b"s"),)),)),
+        raw_artifact_record(envelopes=((IN_TOTO_PAYLOAD_TYPE, b"{}", ()),)),
+        raw_artifact_record(envelopes=((IN_TOTO_PAYLOAD_TYPE, b"{}", (("k", b"1"), ("k", b"2"))),)),
+        raw_artifact_record(envelopes=((IN_TOTO_PAYLOAD_TYPE, b"{}", (("\x00", b"s"),)),)),
+        raw_artifact_record(artifacts=((DIGEST, 1, "\xe9\u2603"),)),
+        raw_artifact_record()[:-1],
+        raw_artifact_record() + b"\x00",
+        raw_artifact_record().replace(b"a/b", b"a\xffb"),
+        governance_record().encode(),
+        governance_record(GovernanceAction.REMOVE).encode(),
+    ],
+)
+def test_check_record_agrees_with_decode_record_on_each_rule(data: bytes) -> None:
+    assert_check_agrees_with_decode(data)
+
+
+def test_check_record_returns_the_package_id() -> None:
+    assert check_record(artifact_record().encode()) == "docker.io/library/alpine:3.19"
+    assert check_record(governance_record().encode()) is None
+
+
+RECORDS = [
+    artifact_record().encode(),
+    artifact_record(n=3).encode(),
+    raw_artifact_record(
+        package_type=2,
+        package_id="org.example:lib:1.0",
+        artifacts=((DIGEST, 7, "application/java-archive"), (f"sha256:{2:064x}", 8, "pom")),
+        envelopes=(ENVELOPE, (IN_TOTO_PAYLOAD_TYPE, b"[1]", (("a", b"x"), ("b", b"y")))),
+    ),
+    governance_record().encode(),
+]
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.data())
+def test_check_record_agrees_with_decode_record_on_damaged_bytes(data: st.DataObject) -> None:
+    """Flip, insert or delete a byte, or cut the tail, anywhere in a record."""
+    encoded = bytearray(data.draw(st.sampled_from(RECORDS)))
+    position = data.draw(st.integers(0, len(encoded) - 1))
+    how = data.draw(st.sampled_from(["set", "insert", "delete", "cut"]))
+    if how == "set":
+        encoded[position] = data.draw(st.integers(0, 255))
+    elif how == "insert":
+        encoded.insert(position, data.draw(st.integers(0, 255)))
+    elif how == "delete":
+        del encoded[position]
+    else:
+        del encoded[position:]
+    assert_check_agrees_with_decode(bytes(encoded))

@@ -18,6 +18,7 @@ from pyrsia_node import merkle
 from pyrsia_node.api.ledger import routes
 from pyrsia_node.cli import log_cmd
 from pyrsia_node.cli.errors import CliError
+from pyrsia_node.genesis import Authority, Genesis
 from pyrsia_node.identity import Identity
 from pyrsia_node.ledger.bundle import ProofBundle
 from pyrsia_node.ledger.checkpoint import Checkpoint, SignedNote, cosign, origin_for
@@ -27,6 +28,8 @@ from pyrsia_node.ledger.records import (
     Artifact,
     ArtifactRecord,
     DsseEnvelope,
+    GovernanceAction,
+    GovernanceRecord,
     PackageType,
 )
 
@@ -213,4 +216,62 @@ def test_verify_says_exactly_what_failed(ledger: TransparencyLog, tmp_path: Path
 def test_verify_reports_a_missing_file(tmp_path: Path) -> None:
     args = parse("verify", str(tmp_path / "missing.json"))
     with pytest.raises(CliError, match="cannot read bundle"):
+        args.handler(args)
+
+
+def genesis_with_members(tmp_path: Path, governance: Identity, keys: list[Identity]) -> Path:
+    genesis = Genesis(
+        chain_id="pyrsia-test",
+        genesis_time="2026-01-01T00:00:00Z",
+        governance_public_key=governance.public_key,
+        authorities=tuple(
+            Authority(f"authority-{i}", k.public_key, f"127.0.0.1:{1000 + i}", "")
+            for i, k in enumerate(keys)
+        ),
+        ca_certificate="",
+    )
+    path = tmp_path / "genesis.json"
+    genesis.save(path)
+    return path
+
+
+def test_verify_with_genesis_replays_governance_and_ignores_the_claimed_list(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """authority-3 joins and authority-0 leaves: the checkpoint is judged by 1, 2, 3."""
+    governance, keys = Identity.generate(), [Identity.generate() for _ in range(4)]
+    genesis = genesis_with_members(tmp_path, governance, keys[:3])
+    changes = [
+        GovernanceRecord.create(
+            governance, "pyrsia-test", 1, GovernanceAction.ADD, "authority-3",
+            keys[3].public_key, "127.0.0.1:1003",
+        ),
+        GovernanceRecord.create(
+            governance, "pyrsia-test", 2, GovernanceAction.REMOVE, "authority-0",
+            keys[0].public_key,
+        ),
+    ]  # fmt: skip
+    with TransparencyLog(tmp_path / "ledger") as log:
+        log.append([image_record(0), changes[0].encode(), changes[1].encode(), image_record(3)])
+        note = SignedNote(Checkpoint(origin_for("pyrsia-test"), 4, log.root()).body(), ())
+        for i in (1, 2, 3):
+            note = cosign(note, f"authority-{i}", keys[i])
+        claimed = [(f"authority-{i}", keys[i].public_key) for i in range(3)]
+        bundle = ProofBundle.from_log(log, 3, claimed, note.format())
+    path = tmp_path / "bundle.json"
+    path.write_bytes(bundle.to_json())
+    args = parse("verify", str(path), "--genesis", str(genesis))
+    assert args.handler(args) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == (
+        "OK: docker.io/library/alpine:3.19 is entry 3 of pyrsia.io/pyrsia-test at size 4, "
+        "signed by a quorum of 3 of 3 authorities (in force at that size: the genesis and 2 "
+        "governance change(s) proven in the bundle)"
+    )
+    assert out[1].startswith("note: the bundle's list of authorities differs")
+    # The same bundle judged by the genesis set alone would fail: authority-0 is gone.
+    doc = json.loads(path.read_text())
+    doc["governance"] = []
+    path.write_text(json.dumps(doc))
+    with pytest.raises(CliError, match="FAILED at checkpoint: QuorumNotReached: 2 of 3"):
         args.handler(args)

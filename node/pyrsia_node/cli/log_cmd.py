@@ -65,7 +65,8 @@ def register(sub: Any) -> None:
     verify.add_argument(
         "--genesis",
         type=Path,
-        help="trust this network's authorities and origin instead of the bundle's keys",
+        help="trust only this network's genesis: the authorities in force at the checkpoint "
+        "are replayed from it and the bundle's governance records, not taken from the bundle",
     )
     verify.set_defaults(handler=run_verify)
 
@@ -147,29 +148,42 @@ def run_inspect(args: argparse.Namespace) -> int:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from pyrsia_node.genesis import Genesis
+    from pyrsia_node.genesis import Genesis, GenesisError
     from pyrsia_node.ledger.bundle import BundleError, ProofBundle, verify_bundle
-    from pyrsia_node.ledger.checkpoint import origin_for
 
     try:
         data = args.bundle.read_bytes()
     except OSError as exc:
         raise CliError(f"cannot read bundle {args.bundle}: {exc.strerror}") from None
-    authorities = origin = None
-    if args.genesis is not None:
-        genesis = Genesis.load(args.genesis)
-        authorities = [(a.name, a.public_key) for a in genesis.authorities]
-        origin = origin_for(genesis.chain_id)
     try:
-        verified = verify_bundle(ProofBundle.from_json(data), authorities, origin)
+        genesis = None if args.genesis is None else Genesis.load(args.genesis)
+    except GenesisError as exc:
+        raise CliError(str(exc)) from None
+    try:
+        verified = verify_bundle(ProofBundle.from_json(data), genesis=genesis)
     except BundleError as exc:
         raise CliError(f"verification FAILED at {exc}") from None
     record = verified.record.to_dict()
     subject = record.get("package_id") or f"governance #{record.get('sequence')}"
-    keys = "genesis" if args.genesis is not None else "bundle (not pinned: pass --genesis)"
+    derived = verified.derived
+    if derived is None:
+        keys = "keys from the bundle (not pinned: pass --genesis)"
+    else:
+        keys = (
+            f"in force at that size: the genesis and {len(derived.applied)} governance "
+            "change(s) proven in the bundle"
+        )
     print(
         f"OK: {subject} is entry {verified.index} of {verified.checkpoint.origin} at size "
-        f"{verified.checkpoint.size}, signed by a quorum of {verified.quorum} authorities "
-        f"(keys from the {keys})"
+        f"{verified.checkpoint.size}, signed by a quorum of {verified.quorum} of "
+        f"{len(verified.authorities)} authorities ({keys})"
     )
+    if derived is not None:
+        for refused in derived.refused:
+            print(f"note: governance entry {refused.index} changes nothing: {refused.reason}")
+        if not verified.claimed_authorities_match:
+            print(
+                "note: the bundle's list of authorities differs from the one in force; "
+                "it was not used"
+            )
     return 0

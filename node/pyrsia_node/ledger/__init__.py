@@ -3,12 +3,17 @@
 Layout (one job per module; import the names below, the rest is internal):
   records     canonical, versioned byte encoding of artifact and governance records
   checkpoint  C2SP tlog-checkpoint signed notes, Ed25519 cosigning, quorum verification
-  log         durable storage: entries, Merkle tree nodes, indexes, checkpoints (SQLite WAL)
-  bundle      offline proof bundles (record + inclusion proof + checkpoint + authority keys)
+  log         durable storage: records and tree hashes in append-only files, indexes and
+              checkpoints in SQLite (WAL); the commit point is one SQLite row
+  authorities the authorities in force at a tree size, replayed from the genesis and the
+              log's governance records
+  bundle      offline proof bundles (record + inclusion proof + checkpoint + authority keys
+              + governance records with their proofs)
 
 The Merkle hashing and proof algorithms themselves live in ``pyrsia_node.merkle``.
 """
 
+from pyrsia_node.ledger.authorities import AuthoritiesInForce, authorities_in_force
 from pyrsia_node.ledger.bundle import BundleError, ProofBundle, VerifiedBundle, verify_bundle
 from pyrsia_node.ledger.checkpoint import (
     Checkpoint,
@@ -28,6 +33,7 @@ from pyrsia_node.ledger.records import (
     GovernanceRecord,
     PackageType,
     RecordError,
+    check_record,
     decode_record,
     record_hash,
 )
@@ -35,6 +41,7 @@ from pyrsia_node.ledger.records import (
 __all__ = [
     "Artifact",
     "ArtifactRecord",
+    "AuthoritiesInForce",
     "BundleError",
     "Checkpoint",
     "CheckpointError",
@@ -49,6 +56,8 @@ __all__ = [
     "SignedNote",
     "TransparencyLog",
     "VerifiedBundle",
+    "authorities_in_force",
+    "check_record",
     "cosign",
     "decode_record",
     "origin_for",

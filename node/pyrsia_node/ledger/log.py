@@ -1,52 +1,87 @@
 """The durable, append-only transparency log: records, their Merkle tree, cosigned checkpoints.
 
-Storage is one SQLite database in write-ahead-log mode with ``synchronous=FULL`` under the
-log's directory. One ``append`` is one transaction, so it is durable on return with one
-WAL fsync per batch, and a writer killed at any instant (SIGKILL, power loss) leaves the
-state of the last committed batch: never a prefix of a batch, never entries without their
-tree nodes. A lock file keeps a second process from opening the same log for writing.
+Storage under the log's directory (schema 2)::
 
-Tables: ``entries`` (index -> leaf hash, record bytes; indexed by leaf hash), ``nodes``
-(every perfect subtree above the leaves, keyed by (level, position)), ``packages``
-(package id -> entry index) and ``checkpoints`` (tree size -> cosigned note).
-Append writes O(log n) rows (amortised two), a proof reads O(log n) nodes, each one B-tree
-lookup; the unpaired right-edge nodes of the tree stay in memory so appends never read.
+    records.dat   canonical record bytes, back to back, in entry order
+    offsets.dat   per entry, the u64 big-endian end offset of its record in records.dat
+    tree.dat      every perfect subtree hash (32 bytes) in the order appends complete them:
+                  leaf i's hash, then each parent it completes (the post-order layout of a
+                  Merkle mountain range), so node (level, k) sits at ``tree_position``
+    log.sqlite3   SQLite, WAL mode, synchronous=FULL: the committed size (the commit point),
+                  the lookup indexes, the governance index, the checkpoint notes
 
-Invariants, checked by :meth:`TransparencyLog.verify_integrity`: entries are numbered
-0..size-1 without gaps, every leaf hash is ``leaf_hash(record)``, every stored node is the
-hash of its two children and exactly the perfect subtrees of ``size`` leaves are stored;
-every record decodes canonically. Blocking IO: call through ``asyncio.to_thread``.
+One ``append`` is one batch, committed in three steps:
+
+1. write the batch's bytes to the three data files at their committed lengths;
+2. ``fdatasync`` each of them;
+3. one SQLite transaction sets ``meta.size`` to the new size. With synchronous=FULL its
+   COMMIT returns only once the WAL is fsynced (NORMAL would defer that to the next WAL
+   checkpoint: a power cut could then lose batches that ``append`` had returned).
+
+A batch exists exactly when step 3 is durable, and its bytes were durable before that, so
+when ``append`` returns the batch survives SIGKILL and power loss alike. Opening the log
+cuts the data files to the lengths the committed size implies, erasing whatever tail an
+interrupted append left: a writer killed at any instant leaves the last committed batch,
+never part of one. A lock file keeps a second process from opening the same log.
+
+Why data files and not SQLite rows: per append the log writes each record once, 8 bytes of
+offset and, amortised, 64 bytes of tree hashes, all sequential, plus one SQLite row update;
+a proof reads O(log n) hashes, each one ``pread`` at a computed position, whatever the size;
+appends never read (the unpaired right-edge subtrees stay in memory).
+
+The lookup indexes (record hash -> index, package id -> indexes; B-trees keyed by 64-bit
+hashes, every hit checked against the entry) are derived data. They are written in bulk
+once ``index_batch`` entries are pending, inside the commit transaction of the append that
+reaches it, and rebuilt in memory from the records after ``meta.indexed`` on open; pending
+entries are looked up in memory. This keeps random B-tree writes out of every batch: a
+flush costs about one pass over the indexes instead of one page per entry. Governance
+records are indexed in every commit (they are rare).
+
+A schema-1 log (records and tree nodes as SQLite rows) is migrated on open.
+
+Invariants, checked by :meth:`TransparencyLog.verify_integrity`: every record decodes
+canonically, the tree file holds exactly the perfect subtrees of ``size`` leaves and each
+is the hash of its children (leaves: of their records), the indexes hold exactly the
+entries below ``indexed`` and memory the rest. Blocking IO: call through
+``asyncio.to_thread``.
 """
 
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import os
 import sqlite3
+import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from types import TracebackType
 
 from pyrsia_node import merkle
 from pyrsia_node.ledger.checkpoint import Checkpoint, SignedNote
-from pyrsia_node.ledger.records import ArtifactRecord, decode_record
+from pyrsia_node.ledger.records import ArtifactRecord, GovernanceRecord, check_record, decode_record
 
 DB_FILE = "log.sqlite3"
 LOCK_FILE = "log.lock"
-SCHEMA_VERSION = 1
+RECORDS_FILE = "records.dat"
+OFFSETS_FILE = "offsets.dat"
+TREE_FILE = "tree.dat"
+SCHEMA_VERSION = 2
+INDEX_BATCH = 1 << 16
+
+_HASH = merkle.HASH_SIZE
+_OFFSET = struct.Struct(">Q")
+_OFFSETS_PAIR = struct.Struct(">QQ")
+_READ_CHUNK = 1 << 12
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS entries (
-    idx INTEGER PRIMARY KEY, leaf BLOB NOT NULL, data BLOB NOT NULL);
-CREATE INDEX IF NOT EXISTS entries_by_leaf ON entries (leaf);
-CREATE TABLE IF NOT EXISTS nodes (
-    level INTEGER NOT NULL, pos INTEGER NOT NULL, hash BLOB NOT NULL,
-    PRIMARY KEY (level, pos)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS packages (
-    package_id TEXT NOT NULL, idx INTEGER NOT NULL,
-    PRIMARY KEY (package_id, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leaf_index (
+    prefix INTEGER NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (prefix, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS package_index (
+    key INTEGER NOT NULL, idx INTEGER NOT NULL, PRIMARY KEY (key, idx)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS governance (idx INTEGER PRIMARY KEY);
 CREATE TABLE IF NOT EXISTS checkpoints (size INTEGER PRIMARY KEY, note TEXT NOT NULL);
 """
 
@@ -64,7 +99,33 @@ class EntryNotFound(LogError):
 
 
 class LogCorrupted(LogError):
-    """Stored data violates the log's invariants (found by ``verify_integrity``)."""
+    """Stored data violates the log's invariants (found on open or by ``verify_integrity``)."""
+
+
+def tree_position(level: int, index: int) -> int:
+    """Position (in hashes) of perfect subtree ``(level, index)`` in the tree file.
+
+    The node completes when leaf ``m - 1`` is appended, ``m = (index + 1) << level``; the
+    ``m - 1`` leaves before it left ``2(m - 1) - popcount(m - 1)`` hashes, then come that
+    leaf and its completed parents, one per level.
+    """
+    last = ((index + 1) << level) - 1
+    return 2 * last - last.bit_count() + level
+
+
+def tree_length(size: int) -> int:
+    """Number of hashes in the tree file of a log of ``size`` entries."""
+    return 2 * size - size.bit_count()
+
+
+def _prefix(leaf: bytes) -> int:
+    """The leaf-index key: the record hash's first 8 bytes as a signed SQLite integer."""
+    return int.from_bytes(leaf[:8], "big", signed=True)
+
+
+def _package_key(package_id: str) -> int:
+    """The package-index key: 8 bytes of the id's SHA-256 (a third of the text's size)."""
+    return _prefix(hashlib.sha256(package_id.encode()).digest())
 
 
 class TransparencyLog:
@@ -72,9 +133,11 @@ class TransparencyLog:
 
     Thread-safe: every public method holds one lock, so the node may call it from worker
     threads. The only mutators are :meth:`append` and :meth:`put_checkpoint`.
+    ``index_batch`` is how many entries wait in memory before the lookup indexes are
+    written (tests lower it to exercise the flush).
     """
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, *, index_batch: int = INDEX_BATCH) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -83,28 +146,107 @@ class TransparencyLog:
             os.close(self._lock_fd)
             raise LogLocked(f"{directory} is open in another process; stop it first") from None
         self.directory = directory
+        self._index_batch = max(1, index_batch)
         self._mutex = threading.RLock()
+        self._fds: list[int] = []
         self._db = sqlite3.connect(
             directory / DB_FILE, isolation_level=None, check_same_thread=False
         )
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
-        self._db.execute(
-            "INSERT OR IGNORE INTO meta (key, value) VALUES ('schema', ?)", (SCHEMA_VERSION,)
-        )
-        (schema,) = self._db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
-        if schema != SCHEMA_VERSION:
-            self.close()
-            raise LogError(f"log schema {schema} is not supported (expected {SCHEMA_VERSION})")
-        (last,) = self._db.execute("SELECT max(idx) FROM entries").fetchone()
-        self._size: int = 0 if last is None else last + 1
+        try:
+            self._open()
+        except BaseException:
+            self._release()
+            raise
+
+    def _open(self) -> None:
+        schema, size, indexed = self._open_database()
+        flags = os.O_RDWR | os.O_CREAT
+        for name in (RECORDS_FILE, OFFSETS_FILE, TREE_FILE):
+            self._fds.append(os.open(self.directory / name, flags, 0o644))
+        self._records_fd, self._offsets_fd, self._tree_fd = self._fds
+        directory_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(directory_fd)  # the data files' names are as durable as their bytes
+        finally:
+            os.close(directory_fd)
+        self._size = size
+        self._records_end = self._end_offset(size)
+        self._cut_uncommitted_tails()
         # Unpaired right-edge perfect subtrees, by level: the tree's "frontier".
         self._frontier: dict[int, bytes] = {
-            level: self.subtree_hash(level, (self._size >> level) - 1)
-            for level in range(self._size.bit_length())
-            if (self._size >> level) & 1
+            level: self.subtree_hash(level, (size >> level) - 1)
+            for level in range(size.bit_length())
+            if (size >> level) & 1
         }
+        if indexed > size:
+            raise LogCorrupted(f"indexes cover {indexed} entries of {size}")
+        self._indexed = indexed
+        # Entries not yet in the durable lookup indexes, looked up here meanwhile.
+        self._pending_leaves: list[bytes] = []
+        self._pending_first: dict[bytes, int] = {}
+        self._pending_packages: list[tuple[int, int]] = []  # (package key, index)
+        self._pending_by_package: dict[str, list[int]] = {}
+        for index, data in self._iter_entries(indexed, size):
+            self._remember(merkle.leaf_hash(data), index, check_record(data))
+        if schema == 1:
+            self._migrate_from_schema_1()
+
+    def _open_database(self) -> tuple[int, int, int]:
+        """Set up the SQLite side; return (schema, committed size, indexed entries)."""
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('schema', ?)", (SCHEMA_VERSION,))
+        (schema,) = db.execute("SELECT value FROM meta WHERE key = 'schema'").fetchone()
+        if schema not in (1, SCHEMA_VERSION):
+            raise LogError(f"log schema {schema} is not supported (expected {SCHEMA_VERSION})")
+        if schema == 1:
+            # A migration starts over on every open until it commits: drop what a killed
+            # attempt derived; the data files are then cut to size 0.
+            db.executescript(
+                "BEGIN; DELETE FROM leaf_index; DELETE FROM package_index;"
+                "DELETE FROM governance; DELETE FROM meta WHERE key IN ('size', 'indexed');"
+                "COMMIT;"
+            )
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('size', 0)")
+        db.execute("INSERT OR IGNORE INTO meta VALUES ('indexed', 0)")
+        meta = dict(db.execute("SELECT key, value FROM meta").fetchall())
+        return schema, meta["size"], meta["indexed"]
+
+    def _migrate_from_schema_1(self) -> None:
+        """Move a schema-1 log (records and tree nodes in SQLite tables) to the data files:
+        re-append its records in order, then drop the old tables in one transaction."""
+        db = self._db
+        while True:
+            rows = db.execute(
+                "SELECT data FROM entries WHERE idx >= ? ORDER BY idx LIMIT 10000", (self._size,)
+            ).fetchall()
+            if not rows:
+                break
+            self.append([bytes(r[0]) for r in rows])
+        db.executescript(
+            "BEGIN; DROP TABLE entries; DROP TABLE nodes; DROP TABLE packages;"
+            f"UPDATE meta SET value = {SCHEMA_VERSION} WHERE key = 'schema'; COMMIT;"
+        )
+        db.execute("VACUUM")
+
+    def _cut_uncommitted_tails(self) -> None:
+        """Truncate each data file to its committed length, or fail if one is too short."""
+        lengths = (
+            (self._records_fd, RECORDS_FILE, self._records_end),
+            (self._offsets_fd, OFFSETS_FILE, self._size * _OFFSET.size),
+            (self._tree_fd, TREE_FILE, tree_length(self._size) * _HASH),
+        )
+        for fd, name, length in lengths:
+            actual = os.fstat(fd).st_size
+            if actual < length:
+                raise LogCorrupted(
+                    f"{name} has {actual} bytes, the committed size {self._size} needs {length}"
+                )
+            if actual > length:
+                os.ftruncate(fd, length)
+                os.fsync(fd)
 
     def __enter__(self) -> TransparencyLog:
         return self
@@ -117,67 +259,76 @@ class TransparencyLog:
     ) -> None:
         self.close()
 
+    def _release(self) -> None:
+        self._db.close()
+        for fd in self._fds:
+            os.close(fd)
+        self._fds.clear()
+        os.close(self._lock_fd)
+
     def close(self) -> None:
         with self._mutex:
-            self._db.close()
-            os.close(self._lock_fd)
+            self._release()
 
     @property
     def size(self) -> int:
         return self._size
 
+    # Reading ---------------------------------------------------------------------------
+
+    def _pread(self, fd: int, length: int, offset: int, what: str) -> bytes:
+        data = os.pread(fd, length, offset)
+        if len(data) != length:
+            raise LogCorrupted(f"{what}: {len(data)} of {length} bytes at offset {offset}")
+        return data
+
+    def _end_offset(self, count: int) -> int:
+        """End of the first ``count`` records in the records file."""
+        if count == 0:
+            return 0
+        raw = self._pread(self._offsets_fd, 8, (count - 1) * 8, f"offset of entry {count - 1}")
+        value: int = _OFFSET.unpack(raw)[0]
+        return value
+
+    def _iter_entries(self, start: int, end: int) -> Iterator[tuple[int, bytes]]:
+        """``(index, record)`` for entries ``[start, end)``, reading in chunks."""
+        for chunk in range(start, end, _READ_CHUNK):
+            stop = min(chunk + _READ_CHUNK, end)
+            base = self._end_offset(chunk)
+            raw = self._pread(
+                self._offsets_fd, (stop - chunk) * 8, chunk * 8, f"offsets {chunk}..{stop}"
+            )
+            ends = struct.unpack(f">{stop - chunk}Q", raw)
+            blob = self._pread(self._records_fd, ends[-1] - base, base, f"records {chunk}..")
+            previous = base
+            for offset, record_end in enumerate(ends):
+                yield chunk + offset, blob[previous - base : record_end - base]
+                previous = record_end
+
     def subtree_hash(self, level: int, index: int) -> bytes:
         """Hash of perfect subtree ``(level, index)``; see :class:`merkle.SubtreeHashes`."""
         with self._mutex:
-            if level == 0:
-                row = self._db.execute("SELECT leaf FROM entries WHERE idx = ?", (index,))
-            else:
-                row = self._db.execute(
-                    "SELECT hash FROM nodes WHERE level = ? AND pos = ?", (level, index)
+            if level < 0 or index < 0 or (index + 1) << level > self._size:
+                raise EntryNotFound(
+                    f"tree node (level {level}, index {index}) is not in a tree of "
+                    f"size {self._size}"
                 )
-            found = row.fetchone()
-            if found is None:
-                raise LogCorrupted(f"tree node (level {level}, index {index}) is missing")
-            value: bytes = found[0]
-            return value
+            position = tree_position(level, index)
+            return self._pread(
+                self._tree_fd, _HASH, position * _HASH, f"tree node ({level}, {index})"
+            )
 
-    def append(self, records: Sequence[bytes]) -> int:
-        """Append ``records`` as one atomic, durable batch; return the first one's index.
-
-        Every record must be canonical (``records.decode_record``); nothing is written when
-        one is not.
-        """
-        decoded = [decode_record(r) for r in records]
+    def entry(self, index: int) -> bytes:
+        """The canonical record bytes at ``index``."""
         with self._mutex:
-            first = self._size
-            frontier = dict(self._frontier)
-            entry_rows: list[tuple[int, bytes, bytes]] = []
-            node_rows: list[tuple[int, int, bytes]] = []
-            package_rows: list[tuple[str, int]] = []
-            for offset, (data, record) in enumerate(zip(records, decoded, strict=True)):
-                index = first + offset
-                h = merkle.leaf_hash(data)
-                entry_rows.append((index, h, bytes(data)))
-                if isinstance(record, ArtifactRecord):
-                    package_rows.append((record.package_id, index))
-                level, pos = 0, index
-                while pos & 1:
-                    h = merkle.node_hash(frontier.pop(level), h)
-                    level, pos = level + 1, pos >> 1
-                    node_rows.append((level, pos, h))
-                frontier[level] = h
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany("INSERT INTO entries VALUES (?, ?, ?)", entry_rows)
-                self._db.executemany("INSERT INTO nodes VALUES (?, ?, ?)", node_rows)
-                self._db.executemany("INSERT INTO packages VALUES (?, ?)", package_rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._size = first + len(records)
-            self._frontier = frontier
-            return first
+            if not 0 <= index < self._size:
+                raise EntryNotFound(f"no entry {index}; the log holds {self._size}")
+            if index == 0:
+                start, end = 0, self._end_offset(1)
+            else:
+                raw = self._pread(self._offsets_fd, 16, (index - 1) * 8, f"offset of {index}")
+                start, end = _OFFSETS_PAIR.unpack(raw)
+            return self._pread(self._records_fd, end - start, start, f"entry {index}")
 
     def _check_size(self, size: int) -> None:
         if not 0 <= size <= self._size:
@@ -194,15 +345,6 @@ class TransparencyLog:
                 return merkle.EMPTY_ROOT if root is None else root
             self._check_size(size)
             return merkle.range_hash(self, 0, size)
-
-    def entry(self, index: int) -> bytes:
-        """The canonical record bytes at ``index``."""
-        with self._mutex:
-            row = self._db.execute("SELECT data FROM entries WHERE idx = ?", (index,)).fetchone()
-            if row is None:
-                raise EntryNotFound(f"no entry {index}; the log holds {self._size}")
-            data: bytes = row[0]
-            return data
 
     def inclusion_proof(self, index: int, size: int | None = None) -> list[bytes]:
         """Audit path of entry ``index`` in the tree of ``size`` entries (default: all)."""
@@ -225,25 +367,159 @@ class TransparencyLog:
     def index_of(self, record_hash: bytes) -> int:
         """The first index whose record has leaf hash ``record_hash``."""
         with self._mutex:
-            row = self._db.execute(
-                "SELECT min(idx) FROM entries WHERE leaf = ?", (record_hash,)
-            ).fetchone()
-            if row[0] is None:
+            rows = self._db.execute(
+                "SELECT idx FROM leaf_index WHERE prefix = ? ORDER BY idx",
+                (_prefix(record_hash),),
+            )
+            for (index,) in rows:
+                if self.subtree_hash(0, index) == record_hash:
+                    found: int = index
+                    return found
+            pending = self._pending_first.get(record_hash)
+            if pending is None:
                 raise EntryNotFound(f"no record with hash {record_hash.hex()}")
-            index: int = row[0]
-            return index
+            return pending
 
     def find_package(
         self, package_id: str, limit: int = 100, before: int | None = None
     ) -> list[int]:
         """Indexes of artifact records for ``package_id``, latest first, below ``before``."""
         with self._mutex:
+            before = self._size if before is None else before
+            pending = self._pending_by_package.get(package_id, [])
+            found = [i for i in reversed(pending) if i < before][:limit]
+            if len(found) < limit:
+                rows = self._db.execute(
+                    "SELECT idx FROM package_index WHERE key = ? AND idx < ? ORDER BY idx DESC",
+                    (_package_key(package_id), min(before, self._indexed)),
+                )
+                for (index,) in rows:
+                    # Keys are 64-bit hashes: someone may have made two ids collide.
+                    if check_record(self.entry(index)) == package_id:
+                        found.append(index)
+                        if len(found) == limit:
+                            break
+                rows.close()
+            return found
+
+    def governance_indexes(self, size: int | None = None) -> list[int]:
+        """Indexes of the governance records among the first ``size`` entries, in order.
+
+        Every governance record the log holds, valid or not: judging signatures is the
+        reader's business (``ledger.authorities``)."""
+        with self._mutex:
+            size = self._size if size is None else size
+            self._check_size(size)
             rows = self._db.execute(
-                "SELECT idx FROM packages WHERE package_id = ? AND idx < ? "
-                "ORDER BY idx DESC LIMIT ?",
-                (package_id, self._size if before is None else before, limit),
+                "SELECT idx FROM governance WHERE idx < ? ORDER BY idx", (size,)
             ).fetchall()
             return [int(r[0]) for r in rows]
+
+    # Appending -------------------------------------------------------------------------
+
+    def _remember(self, leaf: bytes, index: int, package_id: str | None) -> None:
+        """Hold an entry not yet in the durable lookup indexes."""
+        self._pending_leaves.append(leaf)
+        self._pending_first.setdefault(leaf, index)
+        if package_id is not None:
+            self._pending_packages.append((_package_key(package_id), index))
+            self._pending_by_package.setdefault(package_id, []).append(index)
+
+    def append(self, records: Sequence[bytes]) -> int:
+        """Append ``records`` as one atomic, durable batch; return the first one's index.
+
+        Every record must be canonical (``records.check_record``, which accepts exactly
+        what ``decode_record`` does); nothing is written when one is not.
+        """
+        records = [bytes(r) for r in records]
+        package_ids = [check_record(r) for r in records]  # None: a governance record
+        with self._mutex:
+            first = self._size
+            if not records:
+                return first
+            frontier = dict(self._frontier)
+            sha256 = hashlib.sha256
+            tree: list[bytes] = []  # this batch's tail of tree.dat
+            leaves: list[bytes] = []
+            ends: list[int] = []
+            end = self._records_end
+            for index, data in enumerate(records, first):
+                h = sha256(b"\x00" + data).digest()
+                tree.append(h)
+                leaves.append(h)
+                end += len(data)
+                ends.append(end)
+                level, pos = 0, index
+                while pos & 1:
+                    h = sha256(b"\x01" + frontier.pop(level) + h).digest()
+                    tree.append(h)
+                    level, pos = level + 1, pos >> 1
+                frontier[level] = h
+            size = first + len(records)
+            # Steps 1 and 2. Should a write or sync fail, nothing is committed: the next
+            # append overwrites these bytes, or the next open cuts them.
+            self._write_all(self._records_fd, b"".join(records), self._records_end)
+            self._write_all(self._offsets_fd, struct.pack(f">{len(ends)}Q", *ends), first * 8)
+            self._write_all(self._tree_fd, b"".join(tree), tree_length(first) * _HASH)
+            for fd in self._fds:
+                os.fdatasync(fd)
+            governance = [(first + i,) for i, p in enumerate(package_ids) if p is None]
+            if size - self._indexed < self._index_batch:
+                self._commit(size, governance, None)
+                pending = zip(leaves, package_ids, strict=True)
+                for index, (leaf, package_id) in enumerate(pending, first):
+                    self._remember(leaf, index, package_id)
+            else:
+                leaf_rows = [
+                    (_prefix(leaf), self._indexed + i)
+                    for i, leaf in enumerate([*self._pending_leaves, *leaves])
+                ]
+                package_rows = self._pending_packages + [
+                    (_package_key(p), first + i) for i, p in enumerate(package_ids) if p is not None
+                ]
+                self._commit(size, governance, (leaf_rows, package_rows))
+                self._indexed = size
+                self._pending_leaves = []
+                self._pending_first = {}
+                self._pending_packages = []
+                self._pending_by_package = {}
+            self._size = size
+            self._records_end = end
+            self._frontier = frontier
+            return first
+
+    @staticmethod
+    def _write_all(fd: int, data: bytes, offset: int) -> None:
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view, offset = view[written:], offset + written
+
+    def _commit(
+        self,
+        size: int,
+        governance: list[tuple[int]],
+        index_rows: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None,
+    ) -> None:
+        """Step 3 of an append: make ``size`` the committed size, with the governance index
+        rows and, when due, every pending row of the lookup indexes."""
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("UPDATE meta SET value = ? WHERE key = 'size'", (size,))
+            db.executemany("INSERT INTO governance VALUES (?)", governance)
+            if index_rows is not None:
+                leaf_rows, package_rows = index_rows
+                # Sorted keys make each bulk insert one left-to-right pass over its B-tree.
+                db.executemany("INSERT INTO leaf_index VALUES (?, ?)", sorted(leaf_rows))
+                db.executemany("INSERT INTO package_index VALUES (?, ?)", sorted(package_rows))
+                db.execute("UPDATE meta SET value = ? WHERE key = 'indexed'", (size,))
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    # Checkpoints -----------------------------------------------------------------------
 
     def put_checkpoint(self, note_text: str) -> Checkpoint:
         """Store a (co)signed checkpoint note of this log, replacing one of the same size.
@@ -279,35 +555,58 @@ class TransparencyLog:
             ).fetchone()
             return None if row is None else str(row[0])
 
+    # Checking --------------------------------------------------------------------------
+
     def verify_integrity(self) -> None:
         """Recompute everything from the records (O(n) time and memory, for fsck and tests);
         raise :class:`LogCorrupted` at the first violated invariant."""
         with self._mutex:
+            tree: list[bytes] = []  # the tree file as appends would have written it
+            frontier: dict[int, bytes] = {}
             leaves: list[bytes] = []
-            rows = self._db.execute("SELECT idx, leaf, data FROM entries ORDER BY idx")
-            for expected, (index, leaf, data) in enumerate(rows):
-                if index != expected:
-                    raise LogCorrupted(f"entry {expected} is missing")
-                if merkle.leaf_hash(data) != leaf:
-                    raise LogCorrupted(f"entry {index}: stored leaf hash does not match")
-                decode_record(data)
-                leaves.append(leaf)
+            leaf_rows: set[tuple[int, int]] = set()
+            package_rows: set[tuple[int, int]] = set()
+            pending_packages: list[tuple[int, int]] = []
+            governance: list[int] = []
+            for index, data in self._iter_entries(0, self._size):
+                record = decode_record(data)
+                h = merkle.leaf_hash(data)
+                leaves.append(h)
+                package_id = record.package_id if isinstance(record, ArtifactRecord) else None
+                if index < self._indexed:
+                    leaf_rows.add((_prefix(h), index))
+                    if package_id is not None:
+                        package_rows.add((_package_key(package_id), index))
+                elif package_id is not None:
+                    pending_packages.append((_package_key(package_id), index))
+                if isinstance(record, GovernanceRecord):
+                    governance.append(index)
+                tree.append(h)
+                level, pos = 0, index
+                while pos & 1:
+                    h = merkle.node_hash(frontier.pop(level), h)
+                    tree.append(h)
+                    level, pos = level + 1, pos >> 1
+                frontier[level] = h
             if len(leaves) != self._size:
                 raise LogCorrupted(f"{len(leaves)} entries stored, {self._size} expected")
-            stored: dict[tuple[int, int], bytes] = {
-                (lv, pos): h
-                for lv, pos, h in self._db.execute("SELECT level, pos, hash FROM nodes")
-            }
-            expected_nodes: dict[tuple[int, int], bytes] = {}
-            height, level = 0, leaves
-            while len(level) > 1:
-                height += 1
-                level = [
-                    merkle.node_hash(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)
-                ]
-                expected_nodes.update(((height, pos), h) for pos, h in enumerate(level))
-            if stored != expected_nodes:
-                wrong = sorted(set(stored.items()) ^ set(expected_nodes.items()))[:1]
-                raise LogCorrupted(f"tree nodes differ from the records, first at {wrong[0][0]}")
+            stored = self._pread(self._tree_fd, len(tree) * _HASH, 0, "tree file")
+            for position, expected in enumerate(tree):
+                if stored[position * _HASH : (position + 1) * _HASH] != expected:
+                    raise LogCorrupted(
+                        f"tree nodes differ from the records, first at tree position {position}"
+                    )
+            if set(self._db.execute("SELECT prefix, idx FROM leaf_index")) != leaf_rows:
+                raise LogCorrupted("the record-hash index differs from the records")
+            if set(self._db.execute("SELECT key, idx FROM package_index")) != package_rows:
+                raise LogCorrupted("the package index differs from the records")
+            stored_governance = [r[0] for r in self._db.execute("SELECT idx FROM governance")]
+            if sorted(stored_governance) != governance:
+                raise LogCorrupted("the governance index differs from the records")
+            if (
+                self._pending_leaves != leaves[self._indexed :]
+                or self._pending_packages != pending_packages
+            ):
+                raise LogCorrupted("the in-memory index of recent entries differs from them")
             if self.root() != merkle.root_hash(leaves):
                 raise LogCorrupted("the in-memory frontier does not match the stored tree")

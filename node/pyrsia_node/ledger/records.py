@@ -133,8 +133,73 @@ def maven_package_id(gav: str) -> str:
 def _check_text(where: str, text: str) -> None:
     if _CONTROL.search(text):
         raise RecordError(f"{where}: control characters are not allowed")
-    if len(text.encode()) > 0xFFFF:
+    # UTF-8 takes at most 4 bytes a character: only long text can exceed the u16 length.
+    if len(text) > 0x3FFF and len(text.encode()) > 0xFFFF:
         raise RecordError(f"{where}: longer than 65535 bytes")
+
+
+def _text_ok(text: str) -> bool:
+    """What _check_text accepts, without formatting its message on the hot path."""
+    return not _CONTROL.search(text) and (len(text) <= 0x3FFF or len(text.encode()) <= 0xFFFF)
+
+
+# The rules of each record part, shared by the dataclasses (which run them on construction)
+# and by check_record (which runs them on parsed fields without building objects).
+
+
+def _check_artifact(digest: str, size: int, media_type: str) -> None:
+    if not _DIGEST.match(digest):
+        raise RecordError(f"digest {digest!r}: expected sha256:<64 lowercase hex>")
+    if not 0 <= size < 1 << 64:
+        raise RecordError(f"artifact {digest}: size {size} is out of range")
+    if not _text_ok(media_type):
+        _check_text(f"artifact {digest} media type", media_type)
+
+
+def _check_envelope(
+    payload_type: str, payload: bytes, signatures: tuple[tuple[str, bytes], ...]
+) -> None:
+    if payload_type != IN_TOTO_PAYLOAD_TYPE:
+        raise RecordError(
+            f"envelope payloadType {payload_type!r}: expected {IN_TOTO_PAYLOAD_TYPE!r}"
+        )
+    if not signatures:
+        raise RecordError("envelope: at least one signature is required")
+    if len(signatures) > 1 and len({k for k, _ in signatures}) != len(signatures):
+        raise RecordError("envelope: the same keyid signs twice")
+    for keyid, sig in signatures:
+        _check_text("envelope keyid", keyid)
+        if len(sig) > 0xFFFF:
+            raise RecordError(f"envelope signature by {keyid!r} is too long")
+    if len(payload) >= 1 << 32:
+        raise RecordError("envelope payload is larger than 4 GiB")
+
+
+def _check_artifact_record(
+    package_type: object,
+    package_id: str,
+    digests: list[str],
+    attestations: list[tuple[str, bytes, tuple[tuple[str, bytes], ...]]],
+) -> None:
+    """``attestations`` as (payload type, payload, signatures): equal exactly when the
+    envelopes are."""
+    if not isinstance(package_type, PackageType):
+        raise RecordError(f"package type {package_type!r}: expected docker or maven")
+    _check_text("package id", package_id)
+    if package_type is PackageType.DOCKER and not _DOCKER_ID.match(package_id):
+        raise RecordError(f"docker package id {package_id!r}: expected registry/repository:tag")
+    if package_type is PackageType.MAVEN:
+        maven_package_id(package_id)
+    if not digests:
+        raise RecordError(f"{package_id}: a record needs at least one artifact")
+    if not 1 <= len(attestations) <= 0xFFFF or len(digests) > 0xFFFF:
+        raise RecordError(
+            f"{package_id}: needs 1 to 65535 attestations and at most 65535 artifacts"
+        )
+    if len(digests) > 1 and len(set(digests)) != len(digests):
+        raise RecordError(f"{package_id}: an artifact digest is listed twice")
+    if len(attestations) > 1 and len(set(attestations)) != len(attestations):
+        raise RecordError(f"{package_id}: an attestation is listed twice")
 
 
 class _Writer:
@@ -170,29 +235,54 @@ class _Writer:
         return b"".join(self.parts)
 
 
+_U16 = struct.Struct(">H").unpack_from
+_U32 = struct.Struct(">I").unpack_from
+_U64 = struct.Struct(">Q").unpack_from
+_U64_U16 = struct.Struct(">QH").unpack_from
+
+
 class _Reader:
+    """Reads fields left to right; every read checks that the bytes are there."""
+
+    __slots__ = ("data", "end_pos", "pos")
+
     def __init__(self, data: bytes) -> None:
         self.data = data
         self.pos = 0
+        self.end_pos = len(data)
+
+    def _short(self, what: str) -> RecordError:
+        return RecordError(f"{what} at byte {self.pos}: the record ends too early")
 
     def take(self, n: int, what: str) -> bytes:
-        if self.pos + n > len(self.data):
-            raise RecordError(f"{what} at byte {self.pos}: the record ends too early")
-        chunk = self.data[self.pos : self.pos + n]
-        self.pos += n
-        return chunk
+        pos = self.pos
+        if pos + n > self.end_pos:
+            raise self._short(what)
+        self.pos = pos + n
+        return self.data[pos : pos + n]
 
     def u8(self, what: str) -> int:
-        return int(self.take(1, what)[0])
+        pos = self.pos
+        if pos >= self.end_pos:
+            raise self._short(what)
+        self.pos = pos + 1
+        return self.data[pos]
 
     def u16(self, what: str) -> int:
-        return int(struct.unpack(">H", self.take(2, what))[0])
-
-    def u32(self, what: str) -> int:
-        return int(struct.unpack(">I", self.take(4, what))[0])
+        pos = self.pos
+        if pos + 2 > self.end_pos:
+            raise self._short(what)
+        self.pos = pos + 2
+        value: int = _U16(self.data, pos)[0]
+        return value
 
     def u64(self, what: str) -> int:
-        return int(struct.unpack(">Q", self.take(8, what))[0])
+        pos = self.pos
+        if pos + 8 > self.end_pos:
+            raise self._short(what)
+        self.pos = pos + 8
+        value: int = _U64(self.data, pos)[0]
+        return value
 
     def str16(self, what: str) -> str:
         raw = self.take(self.u16(what), what)
@@ -201,15 +291,9 @@ class _Reader:
         except UnicodeDecodeError:
             raise RecordError(f"{what}: not valid UTF-8") from None
 
-    def bytes16(self, what: str) -> bytes:
-        return self.take(self.u16(what), what)
-
-    def bytes32(self, what: str) -> bytes:
-        return self.take(self.u32(what), what)
-
     def end(self) -> None:
-        if self.pos != len(self.data):
-            raise RecordError(f"{len(self.data) - self.pos} unexpected bytes after the record")
+        if self.pos != self.end_pos:
+            raise RecordError(f"{self.end_pos - self.pos} unexpected bytes after the record")
 
 
 def _enum(kind: type[_E], value: int, what: str) -> _E:
@@ -228,11 +312,7 @@ class Artifact:
     media_type: str
 
     def __post_init__(self) -> None:
-        if not _DIGEST.match(self.digest):
-            raise RecordError(f"digest {self.digest!r}: expected sha256:<64 lowercase hex>")
-        if not 0 <= self.size < 1 << 64:
-            raise RecordError(f"artifact {self.digest}: size {self.size} is out of range")
-        _check_text(f"artifact {self.digest} media type", self.media_type)
+        _check_artifact(self.digest, self.size, self.media_type)
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,21 +324,7 @@ class DsseEnvelope:
     signatures: tuple[tuple[str, bytes], ...]
 
     def __post_init__(self) -> None:
-        if self.payload_type != IN_TOTO_PAYLOAD_TYPE:
-            raise RecordError(
-                f"envelope payloadType {self.payload_type!r}: expected {IN_TOTO_PAYLOAD_TYPE!r}"
-            )
-        if not self.signatures:
-            raise RecordError("envelope: at least one signature is required")
-        keyids = [k for k, _ in self.signatures]
-        if len(set(keyids)) != len(keyids):
-            raise RecordError("envelope: the same keyid signs twice")
-        for keyid, sig in self.signatures:
-            _check_text("envelope keyid", keyid)
-            if len(sig) > 0xFFFF:
-                raise RecordError(f"envelope signature by {keyid!r} is too long")
-        if len(self.payload) >= 1 << 32:
-            raise RecordError("envelope payload is larger than 4 GiB")
+        _check_envelope(self.payload_type, self.payload, self.signatures)
 
     @classmethod
     def from_json(cls, data: bytes) -> DsseEnvelope:
@@ -301,26 +367,12 @@ class ArtifactRecord:
     attestations: tuple[DsseEnvelope, ...]
 
     def __post_init__(self) -> None:
-        if not isinstance(self.package_type, PackageType):
-            raise RecordError(f"package type {self.package_type!r}: expected docker or maven")
-        _check_text("package id", self.package_id)
-        if self.package_type is PackageType.DOCKER and not _DOCKER_ID.match(self.package_id):
-            raise RecordError(
-                f"docker package id {self.package_id!r}: expected registry/repository:tag"
-            )
-        if self.package_type is PackageType.MAVEN:
-            maven_package_id(self.package_id)
-        if not self.artifacts:
-            raise RecordError(f"{self.package_id}: a record needs at least one artifact")
-        if not 1 <= len(self.attestations) <= 0xFFFF or len(self.artifacts) > 0xFFFF:
-            raise RecordError(
-                f"{self.package_id}: needs 1 to 65535 attestations and at most 65535 artifacts"
-            )
-        digests = [a.digest for a in self.artifacts]
-        if len(set(digests)) != len(digests):
-            raise RecordError(f"{self.package_id}: an artifact digest is listed twice")
-        if len(set(self.attestations)) != len(self.attestations):
-            raise RecordError(f"{self.package_id}: an attestation is listed twice")
+        _check_artifact_record(
+            self.package_type,
+            self.package_id,
+            [a.digest for a in self.artifacts],
+            [(e.payload_type, e.payload, e.signatures) for e in self.attestations],
+        )
 
     def encode(self) -> bytes:
         w = _Writer()
@@ -489,22 +541,113 @@ class GovernanceRecord:
 Record = ArtifactRecord | GovernanceRecord
 
 
-def _decode_artifact(r: _Reader) -> ArtifactRecord:
-    package_type = _enum(PackageType, r.u8("package type"), "package type")
+_Envelope = tuple[str, bytes, tuple[tuple[str, bytes], ...]]
+_PACKAGE_TYPES = {t.value: t for t in PackageType}
+
+
+def _scan_artifact(
+    r: _Reader,
+) -> tuple[PackageType, str, list[tuple[str, int, str]], list[_Envelope]]:
+    """Parse and check an artifact record's body into plain values, without building the
+    dataclasses: the hot path of every log append. The reads are inlined (one bounds check
+    per field, struct.unpack_from) instead of going through _Reader's methods."""
+    data, end = r.data, r.end_pos
+    package_type = _PACKAGE_TYPES.get(r.u8("package type"))
+    if package_type is None:
+        raise RecordError(f"package type: unknown value {data[r.pos - 1]}")
     package_id = r.str16("package id")
-    artifacts = tuple(
-        Artifact(r.str16("digest"), r.u64("size"), r.str16("media type"))
-        for _ in range(r.u16("artifact count"))
+    pos = r.pos
+
+    def short(what: str) -> RecordError:
+        return RecordError(f"{what} at byte {pos}: the record ends too early")
+
+    def text(raw: bytes, what: str) -> str:
+        try:
+            return raw.decode()
+        except UnicodeDecodeError:
+            raise RecordError(f"{what}: not valid UTF-8") from None
+
+    if pos + 2 > end:
+        raise short("artifact count")
+    (count,) = _U16(data, pos)
+    pos += 2
+    artifacts = []
+    for _ in range(count):
+        if pos + 2 > end:
+            raise short("digest")
+        (n,) = _U16(data, pos)
+        stop = pos + 2 + n
+        if stop > end:
+            raise short("digest")
+        digest = text(data[pos + 2 : stop], "digest")
+        if stop + 10 > end:
+            raise short("size" if stop + 8 > end else "media type")
+        (size, n) = _U64_U16(data, stop)
+        pos = stop + 10
+        if pos + n > end:
+            raise short("media type")
+        media_type = text(data[pos : pos + n], "media type")
+        pos += n
+        _check_artifact(digest, size, media_type)
+        artifacts.append((digest, size, media_type))
+    if pos + 2 > end:
+        raise short("attestation count")
+    (count,) = _U16(data, pos)
+    pos += 2
+    envelopes: list[_Envelope] = []
+    for _ in range(count):
+        if pos + 2 > end:
+            raise short("payload type")
+        (n,) = _U16(data, pos)
+        stop = pos + 2 + n
+        if stop > end:
+            raise short("payload type")
+        payload_type = text(data[pos + 2 : stop], "payload type")
+        if stop + 4 > end:
+            raise short("payload")
+        (n,) = _U32(data, stop)
+        pos = stop + 4
+        if pos + n > end:
+            raise short("payload")
+        payload = data[pos : pos + n]
+        pos += n
+        if pos + 2 > end:
+            raise short("signature count")
+        (signature_count,) = _U16(data, pos)
+        pos += 2
+        signatures = []
+        for _ in range(signature_count):
+            if pos + 2 > end:
+                raise short("keyid")
+            (n,) = _U16(data, pos)
+            stop = pos + 2 + n
+            if stop > end:
+                raise short("keyid")
+            keyid = text(data[pos + 2 : stop], "keyid")
+            if stop + 2 > end:
+                raise short("signature")
+            (n,) = _U16(data, stop)
+            pos = stop + 2
+            if pos + n > end:
+                raise short("signature")
+            signatures.append((keyid, data[pos : pos + n]))
+            pos += n
+        envelope = (payload_type, payload, tuple(signatures))
+        _check_envelope(*envelope)
+        envelopes.append(envelope)
+    r.pos = pos
+    _check_artifact_record(package_type, package_id, [a[0] for a in artifacts], envelopes)
+    return package_type, package_id, artifacts, envelopes
+
+
+def _decode_artifact(r: _Reader) -> ArtifactRecord:
+    package_type, package_id, artifacts, envelopes = _scan_artifact(r)
+    return ArtifactRecord(
+        package_type,
+        package_id,
+        tuple(Artifact(*a) for a in artifacts),
+        tuple(DsseEnvelope(*e) for e in envelopes),
     )
-    attestations = []
-    for _ in range(r.u16("attestation count")):
-        payload_type = r.str16("payload type")
-        payload = r.bytes32("payload")
-        signatures = tuple(
-            (r.str16("keyid"), r.bytes16("signature")) for _ in range(r.u16("signature count"))
-        )
-        attestations.append(DsseEnvelope(payload_type, payload, signatures))
-    return ArtifactRecord(package_type, package_id, artifacts, tuple(attestations))
 
 
 def _decode_governance(r: _Reader) -> GovernanceRecord:
@@ -527,18 +670,40 @@ _DECODERS: dict[int, Callable[[_Reader], Record]] = {
 }
 
 
-def decode_record(data: bytes) -> Record:
-    """Parse canonical record bytes; raise :class:`RecordError` on anything else."""
-    r = _Reader(bytes(data))
+def _header(r: _Reader) -> int:
+    """Read version and kind; return the kind."""
     version = r.u8("format version")
     if version != FORMAT_VERSION:
         raise RecordError(f"record format version {version} is not supported (expected 1)")
     kind = r.u8("record kind")
-    decoder = _DECODERS.get(kind)
-    if decoder is None:
+    if kind not in _DECODERS:
         raise RecordError(f"unknown record kind {kind}")
-    record = decoder(r)
+    return kind
+
+
+def check_record(data: bytes) -> str | None:
+    """Check that ``data`` is a canonical record without building it: raises
+    :class:`RecordError` exactly when :func:`decode_record` does (the same parser and
+    rules, tested to agree). Returns an artifact record's package id, None for a
+    governance record. About three times faster than decoding; the log uses it on append.
+    """
+    r = _Reader(bytes(data))
+    if _header(r) == KIND_ARTIFACT:
+        package_id = _scan_artifact(r)[1]
+        r.end()
+        return package_id
+    _decode_governance(r)
     r.end()
-    if record.encode() != data:
-        raise RecordError("record bytes are not in canonical form")
+    return None
+
+
+def decode_record(data: bytes) -> Record:
+    """Parse canonical record bytes; raise :class:`RecordError` on anything else."""
+    r = _Reader(bytes(data))
+    record = _DECODERS[_header(r)](r)
+    r.end()
+    # No re-encoding needed: every field has exactly one encoding (fixed width or length
+    # prefixed, strict UTF-8 whose decoding round-trips byte for byte, enums by value), so
+    # bytes parsed to their last byte are the record's canonical encoding. The property
+    # test ``test_decode_accepts_only_canonical_bytes`` holds this to account.
     return record

@@ -801,3 +801,24 @@ def test_a_block_repeating_a_committed_record_gets_a_nil_prevote() -> None:
     b = block((b"old", b"new"))
     actions = feed(core, proposal(b, 0))
     assert [v.block_hash for v in votes_of(actions, core, VoteType.PREVOTE)] == [None]
+
+
+def test_pending_records_are_checked_again_when_the_validators_change() -> None:
+    attesters_in_force = {True}  # the record's attester is a validator until it is not
+    core = make_core(
+        0, validator_set_change=gov, record_valid=lambda r: r != b"x" or True in attesters_in_force
+    )
+    step(core)
+    step(core, RecordSubmitted(b"x"))
+    b1 = Block(CHAIN, 1, GENESIS_PREV_HASH, KEYS[1].public_key, (b"add:" + OUTSIDER.public_key,))
+    step(core, CommitReceived(b1, certificate(b1, 0, [1, 2, 3])))
+    attesters_in_force.clear()
+    b2 = Block(CHAIN, 2, b1.hash, KEYS[2].public_key, ())
+    step(core, CommitReceived(b2, certificate(b2, 0, [1, 2, 3])))
+    assert core.height == 3 and OUTSIDER.public_key in core.chain.validators
+    proposer = core.chain.validators.proposer(3, 0)
+    key = next(k for k in (*KEYS, OUTSIDER) if k.public_key == proposer)
+    b3 = Block(CHAIN, 3, b2.hash, proposer, (b"x",))
+    message = signing_bytes(CHAIN, MessageKind.PROPOSAL, 3, 0, b3.hash, -1)
+    actions = feed(core, Proposal(b3, 0, -1, proposer, key.sign(message)))
+    assert [v.block_hash for v in votes_of(actions, core, VoteType.PREVOTE)] == [None]

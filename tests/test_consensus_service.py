@@ -28,7 +28,7 @@ from pyrsia_node.consensus import (
     signing_bytes,
 )
 from pyrsia_node.consensus.blocks import BlockStore
-from pyrsia_node.consensus.mempool import RecordRejected
+from pyrsia_node.consensus.mempool import Mempool, MempoolLimits, RecordRejected
 from pyrsia_node.consensus.service import (
     GOSSIP_INTERVAL,
     ConsensusService,
@@ -556,3 +556,12 @@ async def test_authorities_serve_pending_records_by_leaf_hash(tmp_path: Path) ->
         await service.stop()
         for n in nodes:
             await n.server.stop(None)
+
+
+def test_the_mempool_forgets_records_refused_on_a_second_check() -> None:
+    pool = Mempool(MempoolLimits(), lambda _: False, lambda _: True)
+    assert pool.admit(record(1)) and pool.admit(record(2))
+    pool.retain(lambda r: r != record(1))
+    assert pool.get(leaf_hash(record(1))) is None
+    assert pool.get(leaf_hash(record(2))) == record(2)
+    assert len(pool) == 1 and pool.pending_bytes == len(record(2))

@@ -32,7 +32,8 @@ Invariants the core maintains, each checked by tests/test_consensus*.py:
   (as the paper's message sets do; at most `MAX_VALUES_PER_SLOT` values per key), because
   otherwise an equivocator can show honest nodes different first votes and stall them.
 * Block validity: every record is pending here (checked with `record_valid` when it was
-  submitted) or passes `record_valid` now and is not `record_committed` (already in the log).
+  submitted, and again whenever the validator set changes) or passes `record_valid` now
+  and is not `record_committed` (already in the log).
 * Validator sets come from `ChainState`: a governance record committed at H changes the set
   from H + 2, decoded by the injected `validator_set_change`.
 
@@ -733,9 +734,13 @@ class ConsensusCore:
             # leaves, and the state persisted at the end of the step is the next height's.
             self._actions.append(Persist(self.wal_state()))
         self._actions.append(Commit(block, certificate))
+        validators = self._chain.validators
         self._chain = self._chain.after(block, self._decoder)
         for record in block.records:
             self._pending.pop(record, None)
+        if self._chain.validators != validators:
+            # Pending records were checked against the validators then in force.
+            self._pending = {r: None for r in self._pending if self._record_valid(r)}
         self._reset_height()
         self._dirty = True
         self._enter_height()

@@ -82,6 +82,13 @@ class Mempool:
         self._bytes += size
         return True
 
+    def retain(self, keep: Callable[[bytes], bool]) -> None:
+        """Forget the pending records `keep` refuses (e.g. after the validators changed)."""
+        for key, record in list(self._pending.items()):
+            if not keep(record):
+                del self._pending[key]
+                self._bytes -= len(record)
+
     def committed(self, records: Iterable[bytes]) -> None:
         for record in records:
             if self._pending.pop(leaf_hash(record), None) is not None:

@@ -298,8 +298,12 @@ class ConsensusService:
         self._clock = clock
         self._wall_clock_ms = wall_clock_ms
         self._decoder = governance_decoder(genesis)
-        # Memoised: the mempool and the core both ask, and every block repeats the question.
-        self._record_valid = lru_cache(maxsize=1 << 17)(record_valid or _canonical_record)
+        # Memoised per validator set (a record's attestations are checked against the
+        # validators in force): the mempool and the core both ask, and blocks ask again.
+        check = record_valid or _canonical_record
+        self._record_checks = lru_cache(maxsize=1 << 17)(lambda _validators, record: check(record))
+        self._genesis_validators = ValidatorSet.from_genesis(genesis).validators
+        self._checked_under = self._genesis_validators
         self.mempool = Mempool(
             mempool_limits or MempoolLimits(), self._in_ledger, self._record_valid
         )
@@ -691,6 +695,11 @@ class ConsensusService:
     async def _commit(self, block: Block, cert: CommitCertificate) -> None:
         await asyncio.to_thread(self._persist_commit, block, cert)
         self.mempool.committed(block.records)
+        validators = self.core.chain.validators.validators
+        if validators != self._checked_under:
+            # Pending records were checked against the validators then in force.
+            self._checked_under = validators
+            self.mempool.retain(self._record_valid)
         self._observe_commit(block)
         if self._on_commit is not None:
             self._on_commit(block, cert)
@@ -846,6 +855,12 @@ class ConsensusService:
         keys = set(chain.validators.validators) | set(chain.next_validators.validators)
         addresses = {k: self._addresses[k] for k in keys if k in self._addresses}
         self.transport.set_authorities(addresses, stream=self.is_validator())
+
+    def _record_valid(self, record: bytes) -> bool:
+        core = self._core
+        validators = self._genesis_validators if core is None else core.chain.validators.validators
+        result: bool = self._record_checks(validators, record)
+        return result
 
     def _record_committed(self, record: bytes) -> bool:
         return self._in_ledger(leaf_hash(record))

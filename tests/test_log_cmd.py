@@ -20,7 +20,7 @@ from pyrsia_node.cli import log_cmd
 from pyrsia_node.cli.errors import CliError
 from pyrsia_node.genesis import Authority, Genesis
 from pyrsia_node.identity import Identity
-from pyrsia_node.ledger.bundle import ProofBundle
+from pyrsia_node.ledger.bundle import ProofBundle, verify_bundle
 from pyrsia_node.ledger.checkpoint import Checkpoint, SignedNote, cosign, origin_for
 from pyrsia_node.ledger.log import TransparencyLog
 from pyrsia_node.ledger.records import (
@@ -275,3 +275,57 @@ def test_verify_with_genesis_replays_governance_and_ignores_the_claimed_list(
     path.write_text(json.dumps(doc))
     with pytest.raises(CliError, match="FAILED at checkpoint: QuorumNotReached: 2 of 3"):
         args.handler(args)
+
+
+async def test_bundle_endpoint_names_the_authorities_in_force_at_the_checkpoint(
+    tmp_path: Path,
+) -> None:
+    """authority-3 joins and authority-0 leaves before the checkpoint (size 4), authority-1
+    leaves after it: the bundle names 1, 2, 3, the set that cosigned that checkpoint, not
+    the genesis set nor the set in force now."""
+    governance, keys = Identity.generate(), [Identity.generate() for _ in range(4)]
+    genesis = Genesis.load(genesis_with_members(tmp_path, governance, keys[:3]))
+    changes = [
+        GovernanceRecord.create(
+            governance, "pyrsia-test", 1, GovernanceAction.ADD, "authority-3",
+            keys[3].public_key, "127.0.0.1:1003",
+        ),
+        GovernanceRecord.create(
+            governance, "pyrsia-test", 2, GovernanceAction.REMOVE, "authority-0",
+            keys[0].public_key,
+        ),
+        GovernanceRecord.create(
+            governance, "pyrsia-test", 3, GovernanceAction.REMOVE, "authority-1",
+            keys[1].public_key,
+        ),
+    ]  # fmt: skip
+    with TransparencyLog(tmp_path / "ledger") as log:
+        log.append([image_record(0), changes[0].encode(), changes[1].encode(), image_record(3)])
+        note = SignedNote(Checkpoint(origin_for("pyrsia-test"), 4, log.root()).body(), ())
+        for i in (1, 2, 3):
+            note = cosign(note, f"authority-{i}", keys[i])
+        log.put_checkpoint(note.format())
+        log.append([changes[2].encode(), image_record(5)])
+        app = web.Application()
+        app.add_routes(routes(log, genesis=genesis))
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            response = await client.get("/api/v1/log/bundle", params={"index": "3"})
+            assert response.status == 200
+            bundle = ProofBundle.from_json(await response.read())
+    assert bundle.authorities == tuple((f"authority-{i}", keys[i].public_key) for i in (1, 2, 3))
+    verified = verify_bundle(bundle, genesis=genesis)
+    assert verified.claimed_authorities_match is True
+    assert verified.index == 3
+
+
+async def test_bundle_endpoint_without_a_checkpoint_answers_409(tmp_path: Path) -> None:
+    governance = Identity.generate()
+    genesis = Genesis.load(genesis_with_members(tmp_path, governance, [KEY]))
+    with TransparencyLog(tmp_path / "ledger") as log:
+        log.append([image_record(0)])
+        app = web.Application()
+        app.add_routes(routes(log, genesis=genesis))
+        async with TestClient(TestServer(app, host="127.0.0.1")) as client:
+            response = await client.get("/api/v1/log/bundle", params={"index": "0"})
+            assert response.status == 409
+            assert "no cosigned checkpoint" in (await response.json())["error"]

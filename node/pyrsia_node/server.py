@@ -299,7 +299,7 @@ class Node:
             self.status,
             self.ready,
             [
-                *ledger_routes(self.ledger, self.consensus.authorities),
+                *ledger_routes(self.ledger, genesis=self.genesis),
                 *consensus_routes(self.consensus),
                 *build_routes(self.build_client),
                 *mirror,

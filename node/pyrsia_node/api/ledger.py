@@ -16,7 +16,10 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
+from pyrsia_node.genesis import Genesis
+from pyrsia_node.ledger.authorities import authorities_in_force
 from pyrsia_node.ledger.bundle import BundleError, ProofBundle
+from pyrsia_node.ledger.checkpoint import Checkpoint, SignedNote
 from pyrsia_node.ledger.log import EntryNotFound, TransparencyLog
 from pyrsia_node.ledger.records import RecordError, decode_record
 from pyrsia_node.merkle import leaf_hash
@@ -66,11 +69,17 @@ def entry_json(index: int, data: bytes) -> dict[str, Any]:
 def routes(
     ledger: TransparencyLog,
     authorities: Callable[[], Sequence[tuple[str, bytes]]] | None = None,
+    *,
+    genesis: Genesis | None = None,
 ) -> list[web.RouteDef]:
-    """The log's routes; mount with ``app.add_routes(routes(ledger))``.
+    """The log's routes; mount with ``app.add_routes(routes(ledger, genesis=genesis))``.
 
-    With ``authorities`` (the (name, public key) pairs in force now) the log also hands out
-    offline proof bundles for ``pyrsia verify``: ``GET /api/v1/log/bundle?index=N``.
+    With ``genesis`` the log also hands out offline proof bundles for ``pyrsia verify``,
+    ``GET /api/v1/log/bundle?index=N``, whose ``authorities`` are those in force at the
+    checkpoint's size (``ledger.authorities``: the genesis set changed by the governance
+    records below that size), the set that must have cosigned it. Without a genesis,
+    ``authorities`` (the (name, public key) pairs in force now) fills that list instead:
+    right only while no governance change came after the checkpoint.
     """
 
     async def call(fn: Callable[[], _T]) -> _T:
@@ -165,17 +174,27 @@ def routes(
 
     async def bundle(request: web.Request) -> dict[str, Any]:
         index = _int_param(request, "index")
-        assert authorities is not None
-        signers = list(authorities())
+        claimed = None if genesis is not None or authorities is None else list(authorities())
 
         def build() -> dict[str, Any]:
-            made = ProofBundle.from_log(ledger, index, signers)
+            note = ledger.latest_checkpoint()
+            if note is None:
+                raise BundleError("checkpoint", "the log has no cosigned checkpoint yet")
+            if claimed is None:
+                assert genesis is not None
+                size = Checkpoint.parse(SignedNote.parse(note).body).size
+                governance = [(i, ledger.entry(i)) for i in ledger.governance_indexes(size)]
+                signers = authorities_in_force(genesis, governance, size).authorities
+            else:
+                signers = tuple(claimed)
+            made = ProofBundle.from_log(ledger, index, signers, note)
             document: dict[str, Any] = json.loads(made.to_json())
             return document
 
         return await call(build)
 
-    bundle_routes = [] if authorities is None else [web.get(f"{PREFIX}/bundle", handler(bundle))]
+    serves_bundles = genesis is not None or authorities is not None
+    bundle_routes = [web.get(f"{PREFIX}/bundle", handler(bundle))] if serves_bundles else []
     return [
         *bundle_routes,
         web.get(f"{PREFIX}/checkpoint", handler(checkpoint)),

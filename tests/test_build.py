@@ -24,15 +24,18 @@ from pyrsia_node.build import (
     InvalidArtifactRecord,
     UnknownBuild,
     artifact_record,
+    attestation_threshold,
+    authorities_at,
     check_artifact_record,
     image_package_id,
     record_validator,
     registry_builds,
+    remote_acquirer,
     settled,
     split_package_id,
 )
 from pyrsia_node.consensus.mempool import RecordRejected
-from pyrsia_node.genesis import Authority
+from pyrsia_node.genesis import Authority, Genesis
 from pyrsia_node.identity import Identity
 from pyrsia_node.ledger.records import (
     ArtifactRecord,
@@ -451,3 +454,118 @@ def test_acquire_requests_from_peers_or_tampered_or_stale_are_refused(
     unsigned = build_pb2.AcquireRequest(package_id="docker.io/library/a:1")
     with pytest.raises(AcquireRefused, match="an unnamed caller"):
         receiver.check(unsigned)
+
+
+# Authorities added by governance -----------------------------------------------------------
+
+GOVERNANCE_KEY = Identity.generate()
+
+
+def genesis_of(keys: list[Identity]) -> Genesis:
+    return Genesis(
+        chain_id="chain",
+        genesis_time="2026-01-01T00:00:00Z",
+        governance_public_key=GOVERNANCE_KEY.public_key,
+        authorities=tuple(authorities(keys)),
+        ca_certificate="",
+    )
+
+
+def governance(
+    sequence: int,
+    action: GovernanceAction,
+    key: Identity,
+    address: str = "",
+    signer: Identity = GOVERNANCE_KEY,
+) -> bytes:
+    return GovernanceRecord.create(
+        signer, "chain", sequence, action, f"added-{sequence}", key.public_key, address,
+        address and "127.0.0.1:8080",
+    ).encode()  # fmt: skip
+
+
+def test_authorities_added_by_governance_are_asked_at_their_recorded_address(
+    keys: list[Identity],
+) -> None:
+    genesis = genesis_of(keys[:3])
+    added, unknown = keys[3], Identity.generate()
+    entries = [
+        (2, governance(1, GovernanceAction.ADD, added, "10.0.0.4:7000")),
+        (5, governance(2, GovernanceAction.REMOVE, keys[1])),
+        (7, governance(3, GovernanceAction.ADD, unknown, "10.0.0.9:7000", signer=unknown)),
+        (8, governance(4, GovernanceAction.ADD, Identity.generate())),
+    ]
+    assert authorities_at(genesis, [], 10) == authorities(keys[:3])
+    assert [a.name for a in authorities_at(genesis, entries[:1], 10)] == [
+        "authority-0", "authority-1", "authority-2", "added-1",
+    ]  # fmt: skip
+    now = authorities_at(genesis, entries, 10)
+    # The removal took authority-1 out; the forged ADD changed nothing; the ADD without an
+    # address is in force but cannot be asked.
+    assert [(a.name, a.grpc_address) for a in now] == [
+        ("authority-0", "127.0.0.1:1000"),
+        ("authority-2", "127.0.0.1:1002"),
+        ("added-1", "10.0.0.4:7000"),
+        ("added-4", ""),
+    ]
+    assert now[2].public_key == added.public_key
+    assert now[2].http_address == "127.0.0.1:8080"
+
+
+async def test_a_build_asks_the_authorities_in_force_and_counts_against_their_threshold(
+    keys: list[Identity],
+) -> None:
+    genesis = genesis_of(keys[:3])
+    by_key = {k.node_id: k for k in keys}
+    entries = [(0, governance(1, GovernanceAction.ADD, keys[3], "10.0.0.4:7000"))]
+    asked: list[str] = []
+
+    async def acquire(authority: Authority, package_id: str) -> Envelope:
+        asked.append(authority.grpc_address)
+        if authority.name != "added-1":
+            await asyncio.sleep(0.05 * int(authority.name[-1]))  # the added one is first
+        return envelope(by_key[authority.node_id], image())
+
+    ledger: dict[bytes, int] = {}
+    submitted: list[bytes] = []
+
+    def submit(record: bytes) -> bool:
+        submitted.append(record)
+        ledger[record_hash(record)] = len(ledger)
+        return True
+
+    async def committed_index(key: bytes) -> int | None:
+        return ledger.get(key)
+
+    builds = BuildCoordinator(
+        keys[0].node_id,
+        lambda: authorities_at(genesis, entries, 1),
+        lambda n: attestation_threshold(genesis, n),
+        acquire,
+        submit,
+        committed_index,
+        acquire_timeout=1.0,
+        commit_timeout=1.0,
+        poll_interval=0.01,
+    )
+    build_id = builds.request("docker.io/library/alpine:1.0")
+    await asyncio.sleep(0)
+    assert builds.status(build_id).message == "4 authorities acquiring, 3 must agree"
+    status = await finished(builds, build_id)
+    assert status.state == "done", status.message
+    assert sorted(asked) == ["10.0.0.4:7000", "127.0.0.1:1000", "127.0.0.1:1001", "127.0.0.1:1002"]
+    [record] = submitted
+    signers = {e.keyid for e in check_artifact_record_envelopes(record, keys)}
+    assert keys[3].node_id in signers and len(signers) == 3
+
+
+async def test_an_authority_without_a_known_address_is_reported_not_dialled(
+    keys: list[Identity], tmp_path: Path
+) -> None:
+    acquirer = ImageAcquirer(
+        keys[0], BlobStore(tmp_path), {}, lambda d: asyncio.sleep(0),
+        chain_id="chain", authorities=lambda: validators(keys),
+    )  # fmt: skip
+    acquire = remote_acquirer(keys[0].node_id, acquirer, no_network, 1.0)
+    with pytest.raises(BuildError, match="no gRPC address is known"):
+        await acquire(Authority("added-4", keys[1].public_key, "", ""), "docker.io/a/b:1")

@@ -60,10 +60,13 @@ from pyrsia_node.attestation import (
 from pyrsia_node.consensus.mempool import RecordRejected
 from pyrsia_node.genesis import Authority, Genesis, Upstream, quorum
 from pyrsia_node.identity import Identity, verify_signature
+from pyrsia_node.ledger.authorities import authorities_in_force
 from pyrsia_node.ledger.records import (
     Artifact,
     ArtifactRecord,
     DsseEnvelope,
+    GovernanceAction,
+    GovernanceRecord,
     PackageType,
     RecordError,
     decode_record,
@@ -192,6 +195,37 @@ def split_package_id(package_id: str) -> tuple[str, str, str]:
 def attestation_threshold(genesis: Genesis, authorities: int) -> int:
     """Matching attestations an image needs among ``authorities`` current authorities."""
     return min(genesis.attestation_threshold or quorum(authorities), authorities)
+
+
+def authorities_at(
+    genesis: Genesis, governance: Sequence[tuple[int, bytes]], size: int
+) -> list[Authority]:
+    """The authorities in force at log ``size`` (``ledger.authorities_in_force`` over the
+    ``governance`` entries: (index, record bytes) in log order, all below ``size``), with
+    the addresses a coordinator asks them at: the genesis entry's, replaced by the latest
+    valid ADD record of the key that carries a gRPC address. Authorities added by
+    governance are asked to acquire like genesis ones; the threshold is computed over this
+    set. An authority in force whose address is unknown is listed with an empty
+    ``grpc_address`` (it cannot be asked; the coordinator reports it as failing)."""
+    known = {a.public_key: a for a in genesis.authorities}
+    for _, data in governance:
+        try:
+            record = decode_record(data)
+            if not isinstance(record, GovernanceRecord):
+                continue
+            record.verify(genesis.governance_public_key, genesis.chain_id)
+        except RecordError:
+            continue  # authorities_in_force refuses it too: it changes nothing
+        if record.action is GovernanceAction.ADD and record.grpc_address:
+            known[record.public_key] = Authority(
+                record.name,
+                record.public_key,
+                record.grpc_address,
+                record.http_address,
+                record.metrics_address,
+            )
+    in_force = authorities_in_force(genesis, governance, size)
+    return [known.get(key) or Authority(name, key, "", "") for name, key in in_force.authorities]
 
 
 def record_artifacts(image: AcquiredImage) -> tuple[Artifact, ...]:
@@ -685,6 +719,11 @@ def remote_acquirer(
     async def acquire(authority: Authority, package_id: str) -> Envelope:
         if authority.node_id == node_id:
             return await local.acquire(package_id)
+        if not authority.grpc_address:
+            raise AcquireFailed(
+                "no gRPC address is known for it (neither the genesis nor its governance "
+                "ADD record names one)"
+            )
         ch = channel(authority.grpc_address)
         try:
             reply = await build_pb2_grpc.BuildStub(ch).Acquire(

@@ -34,6 +34,7 @@ from pyrsia_node.build import (
     BuildServicer,
     ImageAcquirer,
     attestation_threshold,
+    authorities_at,
     record_validator,
     registry_builds,
     remote_acquirer,
@@ -105,6 +106,7 @@ class Node:
             on_commit=self._on_commit,
         )
         self.catalog = LedgerCatalog(self.ledger)
+        self._authorities_cache: tuple[int, list[Authority]] = (-1, [])
         self.uploads_in_flight = 0
         # Peer-to-peer blob distribution (DHT + transfer). An authority holds the blobs of
         # the images it acquired in builds; its origin refuses anything else, so no blob
@@ -193,8 +195,13 @@ class Node:
         return attestation_threshold(self.genesis, authorities)
 
     def _current_authorities(self) -> list[Authority]:
-        current = self._validators()
-        return [a for a in self.genesis.authorities if a.node_id in current]
+        """The authorities in force at the ledger's size, with the addresses their genesis
+        entry or governance ADD record gives (``build.authorities_at``); cached per size."""
+        size = self.ledger.size
+        if self._authorities_cache[0] != size:
+            governance = [(i, self.ledger.entry(i)) for i in self.ledger.governance_indexes(size)]
+            self._authorities_cache = (size, authorities_at(self.genesis, governance, size))
+        return list(self._authorities_cache[1])
 
     async def _committed_index(self, record_hash: bytes) -> int | None:
         try:

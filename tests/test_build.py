@@ -569,3 +569,21 @@ async def test_an_authority_without_a_known_address_is_reported_not_dialled(
     acquire = remote_acquirer(keys[0].node_id, acquirer, no_network, 1.0)
     with pytest.raises(BuildError, match="no gRPC address is known"):
         await acquire(Authority("added-4", keys[1].public_key, "", ""), "docker.io/a/b:1")
+
+
+async def test_the_build_log_line_gives_each_phase_time(
+    keys: list[Identity], caplog: pytest.LogCaptureFixture
+) -> None:
+    by_key = {k.node_id: k for k in keys}
+
+    async def acquire(authority: Authority, package_id: str) -> Envelope:
+        return envelope(by_key[authority.node_id], image())
+
+    builds = coordinator(keys, acquire, {}, [])
+    with caplog.at_level("INFO", logger="pyrsia_node.build"):
+        status = await finished(builds, builds.request("docker.io/library/alpine:1.0"))
+        await builds.close()
+    assert status.state == "done"
+    [line] = [r.getMessage() for r in caplog.records if "done in" in r.getMessage()]
+    for phase in ("authority-0 answered", "authority-3 answered", "submitted", "commit seen"):
+        assert phase in line, line

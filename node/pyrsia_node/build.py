@@ -492,6 +492,10 @@ class _Build:
     status: BuildStatus
     task: asyncio.Task[None] | None = None
     started: float = field(default_factory=time.monotonic)
+    phases: list[str] = field(default_factory=list)  # "<what> <seconds since started>"
+
+    def mark(self, what: str) -> None:
+        self.phases.append(f"{what} {time.monotonic() - self.started:.2f}")
 
 
 class BuildCoordinator:
@@ -567,11 +571,12 @@ class BuildCoordinator:
             self._running.pop(package_id, None)
         status = build.status
         log.info(
-            "build %s of %s %s in %.1f s: %s",
+            "build %s of %s %s in %.2f s (%s): %s",
             status.build_id,
             package_id,
             status.state,
             time.monotonic() - build.started,
+            ", ".join(build.phases) or "no attestation",
             status.message,
         )
 
@@ -600,6 +605,7 @@ class BuildCoordinator:
                     waiting.add(committing)
                 done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
                 if committing in done and (index := committing.result()) is not None:
+                    build.mark("commit seen")
                     self._set(
                         build,
                         message=f"committed at ledger index {index}; {len(pending)} "
@@ -609,6 +615,7 @@ class BuildCoordinator:
                 for task in done & pending:
                     pending.discard(task)
                     outcome = task.result()
+                    build.mark(task.get_name().removeprefix("acquire ") + " answered")
                     if isinstance(outcome, Envelope):
                         envelopes.append(outcome)
                     else:
@@ -635,6 +642,8 @@ class BuildCoordinator:
                 return
             if index is None:
                 index = await committing
+                if index is not None:
+                    build.mark("commit seen")
         finally:
             for task in pending:
                 task.cancel()
@@ -667,6 +676,7 @@ class BuildCoordinator:
             message=f"{len(supporters)} authorities agree on {image.root.digest}; committing",
             manifest_digest=image.root.digest,
         )
+        build.mark("submitted")
         try:
             self._submit(data)
         except RecordRejected as exc:

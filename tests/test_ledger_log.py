@@ -9,6 +9,7 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -205,6 +206,7 @@ def test_integrity_check_detects_a_tampered_node(tmp_path: Path) -> None:
 def test_integrity_check_detects_a_damaged_lookup_index(tmp_path: Path) -> None:
     with TransparencyLog(tmp_path, index_batch=4) as log:
         log.append([record(i) for i in range(8)])
+        log.wait_for_indexes()
     db = sqlite3.connect(tmp_path / "log.sqlite3")
     db.execute("DELETE FROM leaf_index WHERE idx = 5")
     db.commit()
@@ -251,6 +253,47 @@ def test_lookups_span_the_flushed_indexes_and_the_pending_entries(tmp_path: Path
         assert again.index_of(merkle.leaf_hash(record(50))) == 50
         assert again.find_package(package) == expected
         again.verify_integrity()
+
+
+def test_lookups_are_right_at_every_moment_of_background_flushes(tmp_path: Path) -> None:
+    """A reader thread checks lookups of every committed entry while the writer appends and
+    the index writer moves entries from memory to SQLite in small slices."""
+    errors: list[BaseException] = []
+    stop = threading.Event()
+    with TransparencyLog(tmp_path, index_batch=16, index_chunk=3) as log:
+
+        def reader() -> None:
+            rng = random.Random(5)
+            try:
+                while not stop.is_set():
+                    size = log.size
+                    if not size:
+                        continue
+                    index = rng.randrange(size)
+                    assert log.index_of(merkle.leaf_hash(record(index))) == index
+                    tag = f"v{index}" if index % 3 else "latest"
+                    found = log.find_package(f"docker.io/library/pkg{index % 7}:{tag}", limit=size)
+                    assert index in found
+                    assert found == sorted(found, reverse=True)
+                    assert len(found) == len(set(found))
+            except BaseException as error:
+                errors.append(error)
+
+        thread = threading.Thread(target=reader)
+        thread.start()
+        try:
+            for start in range(0, 600, 5):
+                log.append([record(i) for i in range(start, start + 5)])
+        finally:
+            stop.set()
+            thread.join()
+        assert not errors, errors
+        log.verify_integrity()
+        log.wait_for_indexes()
+        assert log.find_package("docker.io/library/pkg3:latest", limit=1000) == sorted(
+            (i for i in range(600) if i % 7 == 3 and i % 3 == 0), reverse=True
+        )
+        log.verify_integrity()
 
 
 def test_package_search_survives_colliding_index_keys(
@@ -328,8 +371,9 @@ WRITER_LOOP = textwrap.dedent(
     from pathlib import Path
     from pyrsia_node.ledger.log import TransparencyLog
 
-    # A small index batch puts index flushes among the instants the kill can land on.
-    log = TransparencyLog(Path(sys.argv[1]), index_batch=int(sys.argv[3]))
+    # A small index batch and slices put index flushes (the background writer's
+    # transactions) among the instants the kill can land on.
+    log = TransparencyLog(Path(sys.argv[1]), index_batch=int(sys.argv[3]), index_chunk=7)
     rng = random.Random(int(sys.argv[2]))
     print("ready", log.size, flush=True)
     while True:

@@ -7,13 +7,14 @@ Storage under the log's directory (schema 2)::
     tree.dat      every perfect subtree hash (32 bytes) in the order appends complete them:
                   leaf i's hash, then each parent it completes (the post-order layout of a
                   Merkle mountain range), so node (level, k) sits at ``tree_position``
-    log.sqlite3   SQLite, WAL mode, synchronous=FULL: the committed size (the commit point),
+    log.sqlite3   SQLite, WAL mode, synchronous=FULL (NORMAL for the index writer's
+                  derived rows): the committed size (the commit point),
                   the lookup indexes, the governance index, the checkpoint notes
 
 One ``append`` is one batch, committed in three steps:
 
 1. write the batch's bytes to the three data files at their committed lengths;
-2. ``fdatasync`` each of them;
+2. ``fdatasync`` each of them (concurrently) and wait for all three;
 3. one SQLite transaction sets ``meta.size`` to the new size. With synchronous=FULL its
    COMMIT returns only once the WAL is fsynced (NORMAL would defer that to the next WAL
    checkpoint: a power cut could then lose batches that ``append`` had returned).
@@ -30,20 +31,33 @@ a proof reads O(log n) hashes, each one ``pread`` at a computed position, whatev
 appends never read (the unpaired right-edge subtrees stay in memory).
 
 The lookup indexes (record hash -> index, package id -> indexes; B-trees keyed by 64-bit
-hashes, every hit checked against the entry) are derived data. They are written in bulk
-once ``index_batch`` entries are pending, inside the commit transaction of the append that
-reaches it, and rebuilt in memory from the records after ``meta.indexed`` on open; pending
-entries are looked up in memory. This keeps random B-tree writes out of every batch: a
-flush costs about one pass over the indexes instead of one page per entry. Governance
-records are indexed in every commit (they are rare).
+hashes, every hit checked against the entry) are derived data, kept off the append's
+critical path: ``append`` only adds each entry to in-memory maps of pending entries, and
+a background thread with its own SQLite connection writes them once ``index_batch`` are
+pending. A flush freezes the pending maps (appends go on into fresh ones), sorts their rows
+by key and inserts them in key-range slices of ``index_chunk`` rows, one short transaction
+each, the last one also advancing ``meta.indexed``; then it drops the frozen maps. Freezing
+and dropping are O(1) under the log's lock, and an append waits for SQLite's write lock at
+most the length of one slice, never for a whole flush. So at every moment each entry is in
+memory or below ``indexed`` in SQLite, and lookups consult both (SQLite may also hold rows
+of a flush in progress: genuine entries, found in memory too; package ranges are cut at
+``indexed``). On open the entries from ``meta.indexed`` on are re-read from the records
+into memory, and a flush killed part way is redone with ``INSERT OR IGNORE``. Sorted keys
+make a flush touch each index page about once, whatever the number of slices. The index
+writer's connection commits with synchronous=NORMAL: its rows need not be durable at once
+(lost ones are redone from the records, and ``indexed`` moves with them), and the next
+append's synchronous=FULL commit fsyncs the WAL, their frames included. The WAL is
+checkpointed by the index writer (after a flush, or each second when appends came), never
+in an append's commit. Governance records are indexed in the commit transaction itself
+(they are rare, and ``governance_indexes`` takes a size).
 
 A schema-1 log (records and tree nodes as SQLite rows) is migrated on open.
 
 Invariants, checked by :meth:`TransparencyLog.verify_integrity`: every record decodes
 canonically, the tree file holds exactly the perfect subtrees of ``size`` leaves and each
 is the hash of its children (leaves: of their records), the indexes hold exactly the
-entries below ``indexed`` and memory the rest. Blocking IO: call through
-``asyncio.to_thread``.
+entries below ``indexed`` (after a crash mid-flush, also some genuine entries above it)
+and memory the rest. Blocking IO: call through ``asyncio.to_thread``.
 """
 
 from __future__ import annotations
@@ -55,6 +69,7 @@ import sqlite3
 import struct
 import threading
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -69,6 +84,8 @@ OFFSETS_FILE = "offsets.dat"
 TREE_FILE = "tree.dat"
 SCHEMA_VERSION = 2
 INDEX_BATCH = 1 << 16
+INDEX_CHUNK = 1 << 12
+CHECKPOINT_INTERVAL = 1.0  # seconds between the index writer's WAL checkpoints, when idle
 
 _HASH = merkle.HASH_SIZE
 _OFFSET = struct.Struct(">Q")
@@ -128,16 +145,31 @@ def _package_key(package_id: str) -> int:
     return _prefix(hashlib.sha256(package_id.encode()).digest())
 
 
+class _Pending:
+    """Entries not yet in the durable lookup indexes, from the first one's index on."""
+
+    __slots__ = ("by_package", "first", "leaves", "packages")
+
+    def __init__(self) -> None:
+        self.leaves: list[bytes] = []  # leaf hashes in entry order
+        self.first: dict[bytes, int] = {}  # leaf hash -> its first index here
+        self.packages: list[tuple[str, int]] = []  # (package id, index) in entry order
+        self.by_package: dict[str, list[int]] = {}  # package id -> indexes, ascending
+
+
 class TransparencyLog:
     """An append-only log of canonical ledger records under ``directory``.
 
     Thread-safe: every public method holds one lock, so the node may call it from worker
     threads. The only mutators are :meth:`append` and :meth:`put_checkpoint`.
-    ``index_batch`` is how many entries wait in memory before the lookup indexes are
-    written (tests lower it to exercise the flush).
+    ``index_batch`` is how many entries wait in memory before the background thread
+    writes them to the lookup indexes, ``index_chunk`` how many rows it writes per
+    transaction (tests lower both to exercise the flush).
     """
 
-    def __init__(self, directory: Path, *, index_batch: int = INDEX_BATCH) -> None:
+    def __init__(
+        self, directory: Path, *, index_batch: int = INDEX_BATCH, index_chunk: int = INDEX_CHUNK
+    ) -> None:
         directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -147,16 +179,40 @@ class TransparencyLog:
             raise LogLocked(f"{directory} is open in another process; stop it first") from None
         self.directory = directory
         self._index_batch = max(1, index_batch)
+        self._index_chunk = max(1, index_chunk)
         self._mutex = threading.RLock()
+        # Held by the index writer for a whole flush; verify_integrity takes it to see the
+        # indexes at rest. Order: _flush_lock before _mutex.
+        self._flush_lock = threading.Lock()
+        self._wake = threading.Condition(threading.Lock())
+        self._closing = False
         self._fds: list[int] = []
-        self._db = sqlite3.connect(
-            directory / DB_FILE, isolation_level=None, check_same_thread=False
-        )
+        self._sync_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ledger-sync")
+        self._db = self._connect()
+        self._index_db: sqlite3.Connection | None = None
+        self._checkpointed_size = -1
+        self._indexer: threading.Thread | None = None
         try:
             self._open()
+            self._index_db = self._connect()
+            # See the module docstring: index rows need not be durable at COMMIT.
+            self._index_db.execute("PRAGMA synchronous=NORMAL")
+            # Checkpoints of the WAL into the database file happen on the index writer's
+            # connection, never in an append's commit.
+            self._db.execute("PRAGMA wal_autocheckpoint=0")
         except BaseException:
             self._release()
             raise
+        self._indexer = threading.Thread(
+            target=self._index_loop, name=f"ledger-indexer {directory}", daemon=True
+        )
+        self._indexer.start()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(
+            self.directory / DB_FILE, isolation_level=None, check_same_thread=False, timeout=600
+        )
+        return db
 
     def _open(self) -> None:
         schema, size, indexed = self._open_database()
@@ -182,10 +238,10 @@ class TransparencyLog:
             raise LogCorrupted(f"indexes cover {indexed} entries of {size}")
         self._indexed = indexed
         # Entries not yet in the durable lookup indexes, looked up here meanwhile.
-        self._pending_leaves: list[bytes] = []
-        self._pending_first: dict[bytes, int] = {}
-        self._pending_packages: list[tuple[int, int]] = []  # (package key, index)
-        self._pending_by_package: dict[str, list[int]] = {}
+        # Two generations: ``_live`` takes appends; a flush turns it into ``_frozen`` (O(1),
+        # under the mutex), writes that, then drops it (O(1)).
+        self._live = _Pending()
+        self._frozen: _Pending | None = None
         for index, data in self._iter_entries(indexed, size):
             self._remember(merkle.leaf_hash(data), index, check_record(data))
         if schema == 1:
@@ -260,13 +316,23 @@ class TransparencyLog:
         self.close()
 
     def _release(self) -> None:
+        self._sync_pool.shutdown()
         self._db.close()
+        if self._index_db is not None:
+            self._index_db.close()
         for fd in self._fds:
             os.close(fd)
         self._fds.clear()
         os.close(self._lock_fd)
 
     def close(self) -> None:
+        """Stop the index writer (after its current transaction; entries it had not
+        written are re-read on the next open) and release the log."""
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
+        if self._indexer is not None:
+            self._indexer.join()
         with self._mutex:
             self._release()
 
@@ -371,14 +437,22 @@ class TransparencyLog:
                 "SELECT idx FROM leaf_index WHERE prefix = ? ORDER BY idx",
                 (_prefix(record_hash),),
             )
+            # Memory holds the entries from ``indexed`` on; SQLite those below (and maybe
+            # some of a batch being written): the first index is the smaller find.
+            found: int | None = None
+            for pending in (self._frozen, self._live):
+                if pending is not None and found is None:
+                    found = pending.first.get(record_hash)
             for (index,) in rows:
-                if self.subtree_hash(0, index) == record_hash:
-                    found: int = index
-                    return found
-            pending = self._pending_first.get(record_hash)
-            if pending is None:
+                if found is not None and index >= found:
+                    break
+                if index < self._size and self.subtree_hash(0, index) == record_hash:
+                    found = index
+                    break
+            rows.close()
+            if found is None:
                 raise EntryNotFound(f"no record with hash {record_hash.hex()}")
-            return pending
+            return found
 
     def find_package(
         self, package_id: str, limit: int = 100, before: int | None = None
@@ -386,8 +460,11 @@ class TransparencyLog:
         """Indexes of artifact records for ``package_id``, latest first, below ``before``."""
         with self._mutex:
             before = self._size if before is None else before
-            pending = self._pending_by_package.get(package_id, [])
-            found = [i for i in reversed(pending) if i < before][:limit]
+            found: list[int] = []
+            for pending in (self._live, self._frozen):  # newest first
+                if pending is not None:
+                    indexes = reversed(pending.by_package.get(package_id, ()))
+                    found += [i for i in indexes if i < before][: limit - len(found)]
             if len(found) < limit:
                 rows = self._db.execute(
                     "SELECT idx FROM package_index WHERE key = ? AND idx < ? ORDER BY idx DESC",
@@ -419,11 +496,12 @@ class TransparencyLog:
 
     def _remember(self, leaf: bytes, index: int, package_id: str | None) -> None:
         """Hold an entry not yet in the durable lookup indexes."""
-        self._pending_leaves.append(leaf)
-        self._pending_first.setdefault(leaf, index)
+        pending = self._live
+        pending.leaves.append(leaf)
+        pending.first.setdefault(leaf, index)
         if package_id is not None:
-            self._pending_packages.append((_package_key(package_id), index))
-            self._pending_by_package.setdefault(package_id, []).append(index)
+            pending.packages.append((package_id, index))
+            pending.by_package.setdefault(package_id, []).append(index)
 
     def append(self, records: Sequence[bytes]) -> int:
         """Append ``records`` as one atomic, durable batch; return the first one's index.
@@ -461,32 +539,25 @@ class TransparencyLog:
             self._write_all(self._records_fd, b"".join(records), self._records_end)
             self._write_all(self._offsets_fd, struct.pack(f">{len(ends)}Q", *ends), first * 8)
             self._write_all(self._tree_fd, b"".join(tree), tree_length(first) * _HASH)
-            for fd in self._fds:
-                os.fdatasync(fd)
+            # The three syncs run concurrently (each releases the GIL): the file system can
+            # serve them with fewer journal commits than one after another.
+            syncs = [self._sync_pool.submit(os.fdatasync, fd) for fd in self._fds[1:]]
+            os.fdatasync(self._fds[0])
+            for sync in syncs:
+                sync.result()
             governance = [(first + i,) for i, p in enumerate(package_ids) if p is None]
-            if size - self._indexed < self._index_batch:
-                self._commit(size, governance, None)
-                pending = zip(leaves, package_ids, strict=True)
-                for index, (leaf, package_id) in enumerate(pending, first):
-                    self._remember(leaf, index, package_id)
-            else:
-                leaf_rows = [
-                    (_prefix(leaf), self._indexed + i)
-                    for i, leaf in enumerate([*self._pending_leaves, *leaves])
-                ]
-                package_rows = self._pending_packages + [
-                    (_package_key(p), first + i) for i, p in enumerate(package_ids) if p is not None
-                ]
-                self._commit(size, governance, (leaf_rows, package_rows))
-                self._indexed = size
-                self._pending_leaves = []
-                self._pending_first = {}
-                self._pending_packages = []
-                self._pending_by_package = {}
+            self._commit(size, governance)
+            pending = zip(leaves, package_ids, strict=True)
+            for index, (leaf, package_id) in enumerate(pending, first):
+                self._remember(leaf, index, package_id)
             self._size = size
             self._records_end = end
             self._frontier = frontier
-            return first
+            due = size - self._indexed >= self._index_batch
+        if due:
+            with self._wake:
+                self._wake.notify_all()
+        return first
 
     @staticmethod
     def _write_all(fd: int, data: bytes, offset: int) -> None:
@@ -495,29 +566,95 @@ class TransparencyLog:
             written = os.pwrite(fd, view, offset)
             view, offset = view[written:], offset + written
 
-    def _commit(
-        self,
-        size: int,
-        governance: list[tuple[int]],
-        index_rows: tuple[list[tuple[int, int]], list[tuple[int, int]]] | None,
-    ) -> None:
+    def _commit(self, size: int, governance: list[tuple[int]]) -> None:
         """Step 3 of an append: make ``size`` the committed size, with the governance index
-        rows and, when due, every pending row of the lookup indexes."""
+        rows."""
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("UPDATE meta SET value = ? WHERE key = 'size'", (size,))
             db.executemany("INSERT INTO governance VALUES (?)", governance)
-            if index_rows is not None:
-                leaf_rows, package_rows = index_rows
-                # Sorted keys make each bulk insert one left-to-right pass over its B-tree.
-                db.executemany("INSERT INTO leaf_index VALUES (?, ?)", sorted(leaf_rows))
-                db.executemany("INSERT INTO package_index VALUES (?, ?)", sorted(package_rows))
-                db.execute("UPDATE meta SET value = ? WHERE key = 'indexed'", (size,))
             db.execute("COMMIT")
         except BaseException:
             db.execute("ROLLBACK")
             raise
+
+    # Index writer (background thread) ------------------------------------------------
+
+    def _index_loop(self) -> None:
+        db = self._index_db
+        assert db is not None
+        while True:
+            with self._wake:
+                while not self._closing and self._size - self._indexed < self._index_batch:
+                    if not self._wake.wait(timeout=CHECKPOINT_INTERVAL):
+                        break
+                if self._closing:
+                    return
+            with self._flush_lock:
+                self._flush_indexes()
+            if self._size != self._checkpointed_size:
+                # Commits grow the WAL between flushes; fold it into the database file.
+                self._checkpointed_size = self._size
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+
+    def wait_for_indexes(self) -> None:
+        """Write every pending entry to the lookup indexes now, in this thread (tests,
+        benchmarks and tools that want the indexes at rest)."""
+        with self._flush_lock:
+            self._flush_indexes(everything=True)
+
+    def _flush_indexes(self, *, everything: bool = False) -> None:
+        """Write the pending entries (those due, or ``everything``) to the lookup indexes
+        in key-range slices, then drop them from memory. Caller holds ``_flush_lock``."""
+        with self._mutex:
+            if self._frozen is None:  # else: a flush that failed part way, retried
+                pending = self._size - self._indexed
+                if pending == 0 or (not everything and pending < self._index_batch):
+                    return
+                self._frozen, self._live = self._live, _Pending()
+            frozen = self._frozen
+            start = self._indexed
+            end = start + len(frozen.leaves)
+            leaves, packages = frozen.leaves, frozen.packages  # no longer appended to
+        leaf_rows = [(_prefix(leaf), start + i) for i, leaf in enumerate(leaves)]
+        package_rows = [(_package_key(p), index) for p, index in packages]
+        slices = [
+            *(("leaf_index", rows) for rows in self._key_ranges(leaf_rows)),
+            *(("package_index", rows) for rows in self._key_ranges(package_rows)),
+        ]
+        db = self._index_db
+        assert db is not None
+        for number, (table, rows) in enumerate(slices, 1):
+            if self._closing and not everything:
+                return  # the next open re-reads these entries and redoes the flush
+            # Each slice is sorted just before its insert: one sort of the whole flush
+            # would hold the GIL (and so stall appends) for tens of milliseconds.
+            rows.sort()
+            db.execute("BEGIN IMMEDIATE")
+            try:
+                # OR IGNORE: a flush killed part way left some of these rows.
+                db.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?, ?)", rows)
+                if number == len(slices):
+                    db.execute("UPDATE meta SET value = ? WHERE key = 'indexed'", (end,))
+                db.execute("COMMIT")
+            except BaseException:
+                db.execute("ROLLBACK")
+                raise
+        with self._mutex:
+            self._frozen = None
+            self._indexed = end
+        if everything:
+            self._flush_indexes(everything=True)  # what a failed flush had left frozen
+
+    def _key_ranges(self, rows: list[tuple[int, int]]) -> list[list[tuple[int, int]]]:
+        """``rows`` split into about ``index_chunk``-row slices by ranges of their (signed
+        64-bit, hash-distributed) keys, in key order; each slice unsorted."""
+        count = -(-len(rows) // self._index_chunk)
+        slices: list[list[tuple[int, int]]] = [[] for _ in range(count)]
+        for row in rows:
+            slices[((row[0] + (1 << 63)) * count) >> 64].append(row)
+        return [rows for rows in slices if rows]
 
     # Checkpoints -----------------------------------------------------------------------
 
@@ -560,13 +697,13 @@ class TransparencyLog:
     def verify_integrity(self) -> None:
         """Recompute everything from the records (O(n) time and memory, for fsck and tests);
         raise :class:`LogCorrupted` at the first violated invariant."""
-        with self._mutex:
+        with self._flush_lock, self._mutex:
             tree: list[bytes] = []  # the tree file as appends would have written it
             frontier: dict[int, bytes] = {}
             leaves: list[bytes] = []
             leaf_rows: set[tuple[int, int]] = set()
             package_rows: set[tuple[int, int]] = set()
-            pending_packages: list[tuple[int, int]] = []
+            pending_packages: list[tuple[str, int]] = []
             governance: list[int] = []
             for index, data in self._iter_entries(0, self._size):
                 record = decode_record(data)
@@ -578,7 +715,7 @@ class TransparencyLog:
                     if package_id is not None:
                         package_rows.add((_package_key(package_id), index))
                 elif package_id is not None:
-                    pending_packages.append((_package_key(package_id), index))
+                    pending_packages.append((package_id, index))
                 if isinstance(record, GovernanceRecord):
                     governance.append(index)
                 tree.append(h)
@@ -588,6 +725,8 @@ class TransparencyLog:
                     tree.append(h)
                     level, pos = level + 1, pos >> 1
                 frontier[level] = h
+            frozen = self._frozen or _Pending()
+            pending_packages_keys = [(_package_key(p), i) for p, i in pending_packages]
             if len(leaves) != self._size:
                 raise LogCorrupted(f"{len(leaves)} entries stored, {self._size} expected")
             stored = self._pread(self._tree_fd, len(tree) * _HASH, 0, "tree file")
@@ -596,16 +735,23 @@ class TransparencyLog:
                     raise LogCorrupted(
                         f"tree nodes differ from the records, first at tree position {position}"
                     )
-            if set(self._db.execute("SELECT prefix, idx FROM leaf_index")) != leaf_rows:
-                raise LogCorrupted("the record-hash index differs from the records")
-            if set(self._db.execute("SELECT key, idx FROM package_index")) != package_rows:
-                raise LogCorrupted("the package index differs from the records")
+            # Rows at or above ``indexed`` are those of a flush killed part way: genuine
+            # entries, also held in memory.
+            for table, expected_rows, all_rows in (
+                ("leaf_index", leaf_rows, {(_prefix(h), i) for i, h in enumerate(leaves)}),
+                ("package_index", package_rows, package_rows | set(pending_packages_keys)),
+            ):
+                stored_rows = set(self._db.execute(f"SELECT * FROM {table}"))
+                below = {row for row in stored_rows if row[1] < self._indexed}
+                if below != expected_rows or not stored_rows <= all_rows:
+                    what = "record-hash" if table == "leaf_index" else "package"
+                    raise LogCorrupted(f"the {what} index differs from the records")
             stored_governance = [r[0] for r in self._db.execute("SELECT idx FROM governance")]
             if sorted(stored_governance) != governance:
                 raise LogCorrupted("the governance index differs from the records")
             if (
-                self._pending_leaves != leaves[self._indexed :]
-                or self._pending_packages != pending_packages
+                frozen.leaves + self._live.leaves != leaves[self._indexed :]
+                or frozen.packages + self._live.packages != pending_packages
             ):
                 raise LogCorrupted("the in-memory index of recent entries differs from them")
             if self.root() != merkle.root_hash(leaves):

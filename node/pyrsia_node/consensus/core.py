@@ -310,6 +310,7 @@ class ConsensusCore:
         self._pending: dict[bytes, None] = {}
         self._future: list[tuple[ConsensusMessage, bytes | None]] = []
         self._last_sync_request = float("-inf")
+        self._missing_block_syncs = 0
         self.evidence: list[EquivocationFound] = []
         # State-loss guard: heights at which other validators were seen, own key's highest.
         self._seen_heights: dict[bytes, int] = {}
@@ -419,6 +420,7 @@ class ConsensusCore:
         else:
             self._on_commit_received(event.block, event.certificate)
         self._run_rules()
+        self._sync_if_decided_without_us()
         return self._flush()
 
     def _add_pending(self, record: bytes) -> None:
@@ -716,6 +718,34 @@ class ConsensusCore:
             return False
         self._start_round(max(later))
         return True
+
+    def _sync_if_decided_without_us(self) -> None:
+        """A quorum precommitted a block whose proposal this node never got (it was lost, or
+        its records could not be fetched): the others have decided that block, and no rule
+        of Algorithm 1 can fire here without it. Fetch it with its commit certificate by
+        block sync (paced like every sync request, a different precommitter each time)
+        instead of idling until messages of the next height arrive."""
+        quorum = self._chain.validators.quorum
+        for (round_, vote_type), by_value in self._tally.items():
+            if vote_type is not VoteType.PRECOMMIT:
+                continue
+            for block_hash, votes in by_value.items():
+                if (
+                    block_hash is None
+                    or len(votes) < quorum
+                    or block_hash in self._proposals.get(round_, {})
+                ):
+                    continue
+                now = self._clock()
+                if now - self._last_sync_request < self.config.timeouts.sync_interval:
+                    return
+                self._last_sync_request = now
+                peers = sorted(key for key in votes if key != self._key)
+                if peers:
+                    peer = peers[self._missing_block_syncs % len(peers)]
+                    self._missing_block_syncs += 1
+                    self._actions.append(RequestSync(peer, self._height))
+                return
 
     def _locked_hash(self) -> bytes | None:
         return None if self._locked_block is None else self._locked_block.hash

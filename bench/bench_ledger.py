@@ -14,6 +14,9 @@ Run: .venv/bin/python bench/bench_ledger.py [--entries 1000000] [--batch 3000] [
    blocks), crossing one lookup-index flush: p50 / p99 / max latency of the calls.
 4. Single-record appends: the latency of one durable commit of one record.
 
+``--sync-ab`` instead times one-record appends with the data-file syncs concurrent and
+sequential, interleaved, on a fresh log.
+
 The append phase prints the p50 / p99 / max latency of the ``append`` calls: the lookup
 indexes are written by a background thread, and a flush stalls an append only as long as
 one of its slices holds SQLite's write lock.
@@ -32,8 +35,9 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from pyrsia_node import merkle
 from pyrsia_node.ledger.log import TransparencyLog
@@ -183,6 +187,44 @@ def small_appends(log: TransparencyLog, appends: int, batch: int) -> None:
     )
 
 
+class _InlineExecutor:
+    """Stands in for the log's sync pool: runs each sync at once, one after another."""
+
+    def submit(self, fn: Callable[..., object], *args: object) -> Future[object]:
+        future: Future[object] = Future()
+        future.set_result(fn(*args))
+        return future
+
+    def shutdown(self) -> None:
+        pass
+
+
+def sync_ab(directory: Path, rounds: int = 10, appends: int = 60) -> None:
+    """One-record appends to a 1,000-entry log with the three data-file syncs concurrent
+    (as the log does) and one after another, in interleaved rounds: median and p90."""
+    with TransparencyLog(directory) as log:
+        log.append([record(i) for i in range(1000)])
+        pool = log._sync_pool
+        modes: dict[str, Any] = {"concurrent": pool, "sequential": _InlineExecutor()}
+        times: dict[str, list[float]] = {name: [] for name in modes}
+        for n in range(rounds):
+            for name in sorted(modes, reverse=bool(n % 2)):
+                log._sync_pool = modes[name]
+                for _ in range(appends):
+                    data = record(log.size)
+                    start = time.perf_counter()
+                    log.append([data])
+                    times[name].append(time.perf_counter() - start)
+        log._sync_pool = pool
+    for name, values in times.items():
+        values.sort()
+        print(
+            f"one-record append, syncs {name}: median {statistics.median(values) * 1e3:.2f} ms, "
+            f"p90 {values[int(len(values) * 0.9)] * 1e3:.2f} ms ({len(values)} appends)"
+        )
+    print(f"  {load()}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--entries", type=int, default=1_000_000)
@@ -195,9 +237,15 @@ def main() -> None:
         default=7000,
         help="appends of 10 records after the build (0: skip; they grow a --dir log)",
     )
+    parser.add_argument(
+        "--sync-ab", action="store_true", help="only the concurrent vs sequential sync A/B"
+    )
     args = parser.parse_args()
     rng = random.Random(0)
     with tempfile.TemporaryDirectory() as tmp:
+        if args.sync_ab:
+            sync_ab(Path(tmp))
+            return
         directory = args.dir or Path(tmp)
         start = time.perf_counter()
         with TransparencyLog(directory) as log:

@@ -296,6 +296,29 @@ def test_lookups_are_right_at_every_moment_of_background_flushes(tmp_path: Path)
         log.verify_integrity()
 
 
+def test_a_failed_index_flush_keeps_lookups_right_and_is_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    with TransparencyLog(tmp_path, index_batch=4, index_chunk=2) as log:
+        log._db.execute(
+            "CREATE TRIGGER refuse BEFORE INSERT ON leaf_index BEGIN SELECT RAISE(ABORT, 'no'); END"
+        )
+        log.append([record(i) for i in range(8)])
+        deadline = time.monotonic() + 10
+        while "will retry" not in caplog.text:
+            assert time.monotonic() < deadline, "the index writer did not try"
+            time.sleep(0.01)
+        log.append([record(i) for i in range(8, 10)])
+        assert [log.index_of(merkle.leaf_hash(record(i))) for i in range(10)] == list(range(10))
+        assert log.find_package("docker.io/library/pkg3:latest") == [3]
+        log._db.execute("DROP TRIGGER refuse")
+        log.wait_for_indexes()
+        log.verify_integrity()
+        assert log.index_of(merkle.leaf_hash(record(9))) == 9
+    with sqlite3.connect(tmp_path / "log.sqlite3") as db:
+        assert db.execute("SELECT value FROM meta WHERE key = 'indexed'").fetchone() == (10,)
+
+
 def test_package_search_survives_colliding_index_keys(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

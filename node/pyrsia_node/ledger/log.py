@@ -64,10 +64,12 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import logging
 import os
 import sqlite3
 import struct
 import threading
+import time
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -88,6 +90,7 @@ INDEX_CHUNK = 1 << 12
 CHECKPOINT_INTERVAL = 1.0  # seconds between the index writer's WAL checkpoints, when idle
 
 _HASH = merkle.HASH_SIZE
+_logger = logging.getLogger(__name__)
 _OFFSET = struct.Struct(">Q")
 _OFFSETS_PAIR = struct.Struct(">QQ")
 _READ_CHUNK = 1 << 12
@@ -591,12 +594,17 @@ class TransparencyLog:
                         break
                 if self._closing:
                     return
-            with self._flush_lock:
-                self._flush_indexes()
-            if self._size != self._checkpointed_size:
-                # Commits grow the WAL between flushes; fold it into the database file.
-                self._checkpointed_size = self._size
-                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            try:
+                with self._flush_lock:
+                    self._flush_indexes()
+                    if self._size != self._checkpointed_size:
+                        # Commits grow the WAL between flushes; fold it into the database.
+                        self._checkpointed_size = self._size
+                        db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            except sqlite3.Error:
+                # Lookups stay right (the entries stay in memory); try again later.
+                _logger.exception("ledger: writing the lookup indexes failed; will retry")
+                time.sleep(CHECKPOINT_INTERVAL)
 
     def wait_for_indexes(self) -> None:
         """Write every pending entry to the lookup indexes now, in this thread (tests,

@@ -201,7 +201,9 @@ async def spawn(args: list[str], log: Path, profile: Path | None, name: str) -> 
     )
 
 
-async def run(size: int, repeat: int, root: Path, profile: Path | None) -> dict[str, float]:
+async def run(
+    size: int, repeat: int, root: Path, profile: Path | None, p2p_only: bool = False
+) -> dict[str, float]:
     from conftest import free_port_block
     from pyrsia_node.genesis import create_network
 
@@ -258,6 +260,11 @@ async def run(size: int, repeat: int, root: Path, profile: Path | None) -> dict[
         source = await authority.call(op="info")
         await authority.call(op="fetch", digest=direct)
         for single, fan in zip(singles, fans, strict=True):
+            if p2p_only:
+                rounds.append(
+                    await one_download(authority, peers[1], direct, source, url, http.pid)
+                )
+                continue
             rounds.append(
                 await one_round(authority, peers, single, fan, direct, source, url, http.pid)
             )
@@ -279,6 +286,13 @@ async def run(size: int, repeat: int, root: Path, profile: Path | None) -> dict[
             file=sys.stderr,
         )
     median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+    if p2p_only:
+        return {
+            **median,
+            "p2p_throughput_over_http": median["http_one_s"] / median["p2p_one_s"],
+            "load_before": load_before,
+            "load_after": os.getloadavg()[0],
+        }
     return {
         **median,
         "fan_out_over_one_pull": median["fan_out_s"] / median["one_pull_s"],
@@ -333,15 +347,6 @@ async def one_round(
     http_fan = time.perf_counter() - started
     await asyncio.gather(*(p.call(op="forget", digest=fan) for p in peers))
 
-    download = {"op": "download", "digest": direct, **source}
-    before = (await cpu_seconds(authority), await cpu_seconds(peers[1]))
-    p2p_one = (await peers[1].call(**download))["seconds"]
-    after = (await cpu_seconds(authority), await cpu_seconds(peers[1]))
-    await peers[1].call(op="forget", digest=direct)
-    http_before = (process_cpu(http_pid), await cpu_seconds(peers[1]))
-    http_one = (await peers[1].call(op="http", url=url + direct[7:], digest=direct))["seconds"]
-    http_after = (process_cpu(http_pid), await cpu_seconds(peers[1]))
-    await peers[1].call(op="forget", digest=direct)
     return {
         "one_pull_s": one_pull,
         "fan_out_s": fan_out,
@@ -349,8 +354,26 @@ async def one_round(
         "fan_out_cpu_peers_s": sum(cpu[1:]),
         "upstream_copies_in_fan_out": float(copies),
         "fan_out_busy_replies": busy,
-        "http_one_s": http_one,
         "http_fan_out_s": http_fan,
+        **await one_download(authority, peers[1], direct, source, url, http_pid),
+    }
+
+
+async def one_download(
+    authority: Worker, peer: Worker, direct: str, source: dict[str, Any], url: str, http_pid: int
+) -> dict[str, float]:
+    """One p2p download of ``direct`` from the authority, then one plain HTTP download."""
+    download = {"op": "download", "digest": direct, **source}
+    before = (await cpu_seconds(authority), await cpu_seconds(peer))
+    p2p_one = (await peer.call(**download))["seconds"]
+    after = (await cpu_seconds(authority), await cpu_seconds(peer))
+    await peer.call(op="forget", digest=direct)
+    http_before = (process_cpu(http_pid), await cpu_seconds(peer))
+    http_one = (await peer.call(op="http", url=url + direct[7:], digest=direct))["seconds"]
+    http_after = (process_cpu(http_pid), await cpu_seconds(peer))
+    await peer.call(op="forget", digest=direct)
+    return {
+        "http_one_s": http_one,
         "p2p_one_s": p2p_one,
         "p2p_cpu_provider_s": after[0] - before[0],
         "p2p_cpu_downloader_s": after[1] - before[1],
@@ -403,6 +426,11 @@ def main() -> None:
     parser.add_argument("--append", type=Path, help="append the figures to this Markdown file")
     parser.add_argument("--profile", type=Path, help="write py-spy profiles into this directory")
     parser.add_argument("--keep", action="store_true", help="keep the run directory and logs")
+    parser.add_argument(
+        "--p2p-only",
+        action="store_true",
+        help="only the one p2p download vs one HTTP download (prints raw figures)",
+    )
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--parent-pid", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--http-server", type=Path, help=argparse.SUPPRESS)
@@ -425,12 +453,17 @@ def main() -> None:
         args.profile.mkdir(parents=True, exist_ok=True)
     root = Path(tempfile.mkdtemp(prefix="pyrsia-bench-"))
     try:
-        figures = asyncio.run(run(args.size_mib << 20, args.repeat, root, args.profile))
+        figures = asyncio.run(
+            run(args.size_mib << 20, args.repeat, root, args.profile, args.p2p_only)
+        )
     finally:
         if args.keep:
             print(f"run directory: {root}", file=sys.stderr)
         else:
             shutil.rmtree(root, ignore_errors=True)
+    if args.p2p_only:
+        print(json.dumps({k: round(v, 3) for k, v in figures.items()}))
+        return
     text = report(args.size_mib, args.repeat, figures)
     print(text)
     if args.append is not None:

@@ -229,6 +229,43 @@ def test_bytes_past_the_committed_size_are_cut_on_open(tmp_path: Path) -> None:
         log.verify_integrity()
 
 
+def test_a_torn_commit_record_leaves_the_previous_one(tmp_path: Path) -> None:
+    """Commit records alternate between two checksummed slots: damaging the newest (a
+    write torn by a power cut) gives back the batch before it, whose bytes are intact."""
+    with TransparencyLog(tmp_path) as log:
+        log.append([record(0), record(1)])
+        root = log.root()
+        log.append([record(2)])
+    raw = bytearray((tmp_path / "commit.dat").read_bytes())
+    newest = max(range(2), key=lambda slot: int.from_bytes(raw[slot * 32 : slot * 32 + 8]))
+    raw[newest * 32 + 12] ^= 1
+    (tmp_path / "commit.dat").write_bytes(bytes(raw))
+    with TransparencyLog(tmp_path) as log:
+        assert log.size == 2
+        assert log.root() == root
+        log.append([record(2)])
+        log.verify_integrity()
+    (tmp_path / "commit.dat").write_bytes(bytes(64))
+    with pytest.raises(LogCorrupted, match="no intact commit record"):
+        TransparencyLog(tmp_path)
+
+
+def test_a_log_from_before_the_commit_file_keeps_its_size(tmp_path: Path) -> None:
+    """Logs whose commit point was the SQLite row meta.size open at that size."""
+    with TransparencyLog(tmp_path, index_batch=4) as log:
+        log.append([record(i) for i in range(6)])
+        root = log.root()
+    db = sqlite3.connect(tmp_path / "log.sqlite3")
+    db.execute("UPDATE meta SET value = 6 WHERE key = 'size'")
+    db.commit()
+    db.close()
+    (tmp_path / "commit.dat").unlink()
+    with TransparencyLog(tmp_path) as log:
+        assert log.size == 6
+        assert log.root() == root
+        log.verify_integrity()
+
+
 def test_a_data_file_shorter_than_the_committed_size_is_corruption(tmp_path: Path) -> None:
     with TransparencyLog(tmp_path) as log:
         log.append([record(i) for i in range(5)])

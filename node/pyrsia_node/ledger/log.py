@@ -7,26 +7,30 @@ Storage under the log's directory (schema 2)::
     tree.dat      every perfect subtree hash (32 bytes) in the order appends complete them:
                   leaf i's hash, then each parent it completes (the post-order layout of a
                   Merkle mountain range), so node (level, k) sits at ``tree_position``
-    log.sqlite3   SQLite, WAL mode, synchronous=FULL (NORMAL for the index writer's
-                  derived rows): the committed size (the commit point),
-                  the lookup indexes, the governance index, the checkpoint notes
+    commit.dat    the commit point: two 32-byte slots, each (u64 sequence number, u64
+                  committed size, u32 CRC-32 of those 16 bytes); slot = sequence mod 2
+    log.sqlite3   SQLite, WAL mode: the lookup indexes, the governance index and the
+                  checkpoint notes (synchronous=FULL; NORMAL for the index writer's rows)
 
 One ``append`` is one batch, committed in three steps:
 
 1. write the batch's bytes to the three data files at their committed lengths;
 2. ``fdatasync`` each of them (concurrently) and wait for all three;
-3. one SQLite transaction sets ``meta.size`` to the new size. With synchronous=FULL its
-   COMMIT returns only once the WAL is fsynced (NORMAL would defer that to the next WAL
-   checkpoint: a power cut could then lose batches that ``append`` had returned).
+3. write the next commit record (sequence + 1, the new size) over the older slot of
+   ``commit.dat`` and ``fdatasync`` it.
 
-A batch exists exactly when step 3 is durable, and its bytes were durable before that, so
-when ``append`` returns the batch survives SIGKILL and power loss alike. Opening the log
-cuts the data files to the lengths the committed size implies, erasing whatever tail an
-interrupted append left: a writer killed at any instant leaves the last committed batch,
-never part of one. A lock file keeps a second process from opening the same log.
+A batch exists exactly when its commit record is durable, and its bytes were durable
+before that, so when ``append`` returns the batch survives SIGKILL and power loss alike.
+Opening the log takes the intact slot (checksum right) with the highest sequence number: a
+write torn by a power cut damages only the slot it was writing, the other still holds the
+previous commit. It then cuts the data files to the lengths the committed size implies,
+erasing whatever tail an interrupted append left: a writer killed at any instant leaves
+the last committed batch, never part of one. A lock file keeps a second process from
+opening the same log. (Logs from before ``commit.dat`` had their commit point in the
+SQLite row ``meta.size``: an empty commit file takes its size from there, once.)
 
 Why data files and not SQLite rows: per append the log writes each record once, 8 bytes of
-offset and, amortised, 64 bytes of tree hashes, all sequential, plus one SQLite row update;
+offset and, amortised, 64 bytes of tree hashes, all sequential, plus one commit record;
 a proof reads O(log n) hashes, each one ``pread`` at a computed position, whatever the size;
 appends never read (the unpaired right-edge subtrees stay in memory).
 
@@ -37,19 +41,18 @@ a background thread with its own SQLite connection writes them once ``index_batc
 pending. A flush freezes the pending maps (appends go on into fresh ones), sorts their rows
 by key and inserts them in key-range slices of ``index_chunk`` rows, one short transaction
 each, the last one also advancing ``meta.indexed``; then it drops the frozen maps. Freezing
-and dropping are O(1) under the log's lock, and an append waits for SQLite's write lock at
-most the length of one slice, never for a whole flush. So at every moment each entry is in
-memory or below ``indexed`` in SQLite, and lookups consult both (SQLite may also hold rows
-of a flush in progress: genuine entries, found in memory too; package ranges are cut at
-``indexed``). On open the entries from ``meta.indexed`` on are re-read from the records
+and dropping are O(1) under the log's lock, and appends never touch SQLite (only
+``put_checkpoint`` may wait for its write lock, at most one slice). So at every moment
+each entry is in memory or below ``indexed`` in SQLite, and lookups consult both (SQLite
+may also hold rows of a flush in progress: genuine entries, found in memory too; ranges
+are cut at ``indexed``). On open the entries from ``meta.indexed`` on are re-read from the records
 into memory, and a flush killed part way is redone with ``INSERT OR IGNORE``. Sorted keys
 make a flush touch each index page about once, whatever the number of slices. The index
 writer's connection commits with synchronous=NORMAL: its rows need not be durable at once
-(lost ones are redone from the records, and ``indexed`` moves with them), and the next
-append's synchronous=FULL commit fsyncs the WAL, their frames included. The WAL is
-checkpointed by the index writer (after a flush, or each second when appends came), never
-in an append's commit. Governance records are indexed in the commit transaction itself
-(they are rare, and ``governance_indexes`` takes a size).
+(lost ones are redone from the records, and ``indexed`` moves with them); a WAL checkpoint
+syncs them. The index writer checkpoints the WAL after a flush, or each second when
+appends came. The governance index (positions of governance records) is written the same
+way, its pending part kept in memory beside the others.
 
 A schema-1 log (records and tree nodes as SQLite rows) is migrated on open.
 
@@ -70,6 +73,7 @@ import sqlite3
 import struct
 import threading
 import time
+import zlib
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -84,6 +88,7 @@ LOCK_FILE = "log.lock"
 RECORDS_FILE = "records.dat"
 OFFSETS_FILE = "offsets.dat"
 TREE_FILE = "tree.dat"
+COMMIT_FILE = "commit.dat"
 SCHEMA_VERSION = 2
 INDEX_BATCH = 1 << 16
 INDEX_CHUNK = 1 << 12
@@ -93,6 +98,8 @@ _HASH = merkle.HASH_SIZE
 _logger = logging.getLogger(__name__)
 _OFFSET = struct.Struct(">Q")
 _OFFSETS_PAIR = struct.Struct(">QQ")
+_COMMIT = struct.Struct(">QQI")  # sequence number, size, CRC-32 of the two
+_COMMIT_SLOT = 32
 _READ_CHUNK = 1 << 12
 
 _SCHEMA = """
@@ -151,13 +158,14 @@ def _package_key(package_id: str) -> int:
 class _Pending:
     """Entries not yet in the durable lookup indexes, from the first one's index on."""
 
-    __slots__ = ("by_package", "first", "leaves", "packages")
+    __slots__ = ("by_package", "first", "governance", "leaves", "packages")
 
     def __init__(self) -> None:
         self.leaves: list[bytes] = []  # leaf hashes in entry order
         self.first: dict[bytes, int] = {}  # leaf hash -> its first index here
         self.packages: list[tuple[str, int]] = []  # (package id, index) in entry order
         self.by_package: dict[str, list[int]] = {}  # package id -> indexes, ascending
+        self.governance: list[int] = []  # indexes of governance records, ascending
 
 
 class TransparencyLog:
@@ -190,6 +198,7 @@ class TransparencyLog:
         self._wake = threading.Condition(threading.Lock())
         self._closing = False
         self._fds: list[int] = []
+        self._commit_fd = -1
         self._sync_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="ledger-sync")
         self._db = self._connect()
         self._index_db: sqlite3.Connection | None = None
@@ -223,11 +232,23 @@ class TransparencyLog:
         for name in (RECORDS_FILE, OFFSETS_FILE, TREE_FILE):
             self._fds.append(os.open(self.directory / name, flags, 0o644))
         self._records_fd, self._offsets_fd, self._tree_fd = self._fds
+        self._commit_fd = os.open(self.directory / COMMIT_FILE, flags, 0o644)
         directory_fd = os.open(self.directory, os.O_RDONLY)
         try:
-            os.fsync(directory_fd)  # the data files' names are as durable as their bytes
+            os.fsync(directory_fd)  # the files' names are as durable as their bytes
         finally:
             os.close(directory_fd)
+        committed = self._read_commit_record()
+        if committed is None:
+            # A new log, or one from before the commit file (its commit point was the
+            # SQLite row ``meta.size``): from now on the commit file is the commit point.
+            self._commit_seq = 0
+        else:
+            self._commit_seq, size = committed
+        if schema == 1:
+            size = 0  # a migration starts over (see _open_database)
+        if committed is None or schema == 1:
+            self._write_commit_record(size)
         self._size = size
         self._records_end = self._end_offset(size)
         self._cut_uncommitted_tails()
@@ -249,6 +270,34 @@ class TransparencyLog:
             self._remember(merkle.leaf_hash(data), index, check_record(data))
         if schema == 1:
             self._migrate_from_schema_1()
+
+    def _read_commit_record(self) -> tuple[int, int] | None:
+        """(sequence number, size) of the newest intact slot of the commit file; None when
+        the file is empty."""
+        raw = os.pread(self._commit_fd, 2 * _COMMIT_SLOT, 0)
+        if not raw:
+            return None
+        best: tuple[int, int] | None = None
+        for slot in range(len(raw) // _COMMIT_SLOT):
+            seq, size, crc = _COMMIT.unpack_from(raw, slot * _COMMIT_SLOT)
+            body = raw[slot * _COMMIT_SLOT : slot * _COMMIT_SLOT + 16]
+            if crc == zlib.crc32(body) and seq % 2 == slot and (best is None or seq > best[0]):
+                best = (seq, size)
+        if best is None:
+            raise LogCorrupted(f"{COMMIT_FILE} holds no intact commit record")
+        return best
+
+    def _write_commit_record(self, size: int) -> None:
+        """Step 3 of an append: make ``size`` the committed size. Records alternate
+        between two slots, so a torn write leaves the previous record whole."""
+        seq = self._commit_seq + 1
+        body = struct.pack(">QQ", seq, size)
+        record = body + struct.pack(">I", zlib.crc32(body))
+        self._write_all(
+            self._commit_fd, record.ljust(_COMMIT_SLOT, b"\0"), (seq % 2) * _COMMIT_SLOT
+        )
+        os.fdatasync(self._commit_fd)
+        self._commit_seq = seq
 
     def _open_database(self) -> tuple[int, int, int]:
         """Set up the SQLite side; return (schema, committed size, indexed entries)."""
@@ -320,6 +369,8 @@ class TransparencyLog:
 
     def _release(self) -> None:
         self._sync_pool.shutdown()
+        if self._commit_fd >= 0:
+            os.close(self._commit_fd)
         self._db.close()
         if self._index_db is not None:
             self._index_db.close()
@@ -491,9 +542,13 @@ class TransparencyLog:
             size = self._size if size is None else size
             self._check_size(size)
             rows = self._db.execute(
-                "SELECT idx FROM governance WHERE idx < ? ORDER BY idx", (size,)
+                "SELECT idx FROM governance WHERE idx < ? ORDER BY idx", (min(size, self._indexed),)
             ).fetchall()
-            return [int(r[0]) for r in rows]
+            found = [int(r[0]) for r in rows]
+            for pending in (self._frozen, self._live):  # oldest first
+                if pending is not None:
+                    found += [i for i in pending.governance if i < size]
+            return found
 
     # Appending -------------------------------------------------------------------------
 
@@ -502,7 +557,9 @@ class TransparencyLog:
         pending = self._live
         pending.leaves.append(leaf)
         pending.first.setdefault(leaf, index)
-        if package_id is not None:
+        if package_id is None:
+            pending.governance.append(index)
+        else:
             pending.packages.append((package_id, index))
             pending.by_package.setdefault(package_id, []).append(index)
 
@@ -548,8 +605,7 @@ class TransparencyLog:
             os.fdatasync(self._fds[0])
             for sync in syncs:
                 sync.result()
-            governance = [(first + i,) for i, p in enumerate(package_ids) if p is None]
-            self._commit(size, governance)
+            self._write_commit_record(size)
             pending = zip(leaves, package_ids, strict=True)
             for index, (leaf, package_id) in enumerate(pending, first):
                 self._remember(leaf, index, package_id)
@@ -568,19 +624,6 @@ class TransparencyLog:
         while view:
             written = os.pwrite(fd, view, offset)
             view, offset = view[written:], offset + written
-
-    def _commit(self, size: int, governance: list[tuple[int]]) -> None:
-        """Step 3 of an append: make ``size`` the committed size, with the governance index
-        rows."""
-        db = self._db
-        db.execute("BEGIN IMMEDIATE")
-        try:
-            db.execute("UPDATE meta SET value = ? WHERE key = 'size'", (size,))
-            db.executemany("INSERT INTO governance VALUES (?)", governance)
-            db.execute("COMMIT")
-        except BaseException:
-            db.execute("ROLLBACK")
-            raise
 
     # Index writer (background thread) ------------------------------------------------
 
@@ -625,6 +668,7 @@ class TransparencyLog:
             start = self._indexed
             end = start + len(frozen.leaves)
             leaves, packages = frozen.leaves, frozen.packages  # no longer appended to
+            governance = [(index,) for index in frozen.governance]
         leaf_rows = [(_prefix(leaf), start + i) for i, leaf in enumerate(leaves)]
         package_rows = [(_package_key(p), index) for p, index in packages]
         slices = [
@@ -644,6 +688,7 @@ class TransparencyLog:
                 # OR IGNORE: a flush killed part way left some of these rows.
                 db.executemany(f"INSERT OR IGNORE INTO {table} VALUES (?, ?)", rows)
                 if number == len(slices):
+                    db.executemany("INSERT OR IGNORE INTO governance VALUES (?)", governance)
                     db.execute("UPDATE meta SET value = ? WHERE key = 'indexed'", (end,))
                 db.execute("COMMIT")
             except BaseException:
@@ -754,9 +799,15 @@ class TransparencyLog:
                 if below != expected_rows or not stored_rows <= all_rows:
                     what = "record-hash" if table == "leaf_index" else "package"
                     raise LogCorrupted(f"the {what} index differs from the records")
-            stored_governance = [r[0] for r in self._db.execute("SELECT idx FROM governance")]
-            if sorted(stored_governance) != governance:
+            stored_governance = {r[0] for r in self._db.execute("SELECT idx FROM governance")}
+            if sorted(i for i in stored_governance if i < self._indexed) != [
+                i for i in governance if i < self._indexed
+            ] or not stored_governance <= set(governance):
                 raise LogCorrupted("the governance index differs from the records")
+            if frozen.governance + self._live.governance != [
+                i for i in governance if i >= self._indexed
+            ]:
+                raise LogCorrupted("the in-memory governance index differs from the records")
             if (
                 frozen.leaves + self._live.leaves != leaves[self._indexed :]
                 or frozen.packages + self._live.packages != pending_packages

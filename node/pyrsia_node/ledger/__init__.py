@@ -3,8 +3,9 @@
 Layout (one job per module; import the names below, the rest is internal):
   records     canonical, versioned byte encoding of artifact and governance records
   checkpoint  C2SP tlog-checkpoint signed notes, Ed25519 cosigning, quorum verification
-  log         durable storage: records and tree hashes in append-only files, indexes and
-              checkpoints in SQLite (WAL); the commit point is one SQLite row
+  log         durable storage: records and tree hashes in append-only files, the commit
+              point a checksummed record in commit.dat; indexes (written by a background
+              thread) and checkpoints in SQLite (WAL)
   authorities the authorities in force at a tree size, replayed from the genesis and the
               log's governance records
   bundle      offline proof bundles (record + inclusion proof + checkpoint + authority keys

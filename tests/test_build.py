@@ -138,6 +138,30 @@ def test_the_validator_admits_governance_and_attested_records_only(keys: list[Id
     assert not valid(b"\x01\x01garbage")
 
 
+def test_the_validator_hands_each_valid_records_image_over(keys: list[Identity]) -> None:
+    seen: list[tuple[bytes, AcquiredImage]] = []
+    valid = record_validator(
+        lambda: validators(keys), lambda n: 3, on_valid=lambda *a: seen.append(a)
+    )
+    attested = artifact_record(image(), [envelope(k, image()) for k in keys[:3]]).encode()
+    under = artifact_record(image(), [envelope(k, image()) for k in keys[:2]]).encode()
+    assert valid(attested) and not valid(under)
+    assert seen == [(attested, image())]
+
+
+def test_an_attestation_envelope_with_two_signatures_makes_a_record_invalid(
+    keys: list[Identity],
+) -> None:
+    record = artifact_record(image(), [envelope(k, image()) for k in keys[:3]])
+    doubled = replace(
+        record.attestations[0],
+        signatures=(*record.attestations[0].signatures, (keys[3].node_id, b"\x00" * 64)),
+    )
+    forged = replace(record, attestations=(doubled, *record.attestations[1:]))
+    with pytest.raises(InvalidArtifactRecord, match="expected exactly one"):
+        check_artifact_record(forged, validators(keys), 3)
+
+
 def test_package_ids_are_normalised_and_digests_refused() -> None:
     assert image_package_id("alpine") == "docker.io/library/alpine:latest"
     assert split_package_id("docker.io/test/x:1.0") == ("docker.io", "test/x", "1.0")

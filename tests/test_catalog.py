@@ -9,6 +9,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pyrsia_node import catalog as catalog_module
 from pyrsia_node.attestation import AcquiredImage, Artifact, attest
 from pyrsia_node.build import artifact_record
 from pyrsia_node.catalog import CatalogError, LedgerCatalog, record_image
@@ -136,3 +137,37 @@ async def test_entries_not_handed_over_are_read_from_the_log(ledger: Transparenc
     await catalog.refresh()
     assert (await catalog.tags(ALPINE)) == ["1.0", "2.0"]
     assert catalog.size == 2
+
+
+async def test_a_record_the_check_handed_over_is_indexed_without_decoding_it_again(
+    ledger: TransparencyLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen = image("1.0", root=100, layer=2)
+    checked = [record_bytes(seen)]
+    catalog = LedgerCatalog(ledger)
+    catalog.checked(checked[0], seen)
+    ledger.append(checked)
+    catalog.committed(0, checked)
+
+    def no_decoding(data: bytes) -> None:
+        raise AssertionError("a checked record decoded again")
+
+    monkeypatch.setattr(catalog_module, "decode_record", no_decoding)
+    await catalog.refresh()
+    ref = await catalog.resolve(ALPINE, "1.0")
+    assert ref is not None and ref.digest == digest(100)
+
+
+async def test_only_the_latest_checked_images_are_kept(
+    ledger: TransparencyLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(catalog_module, "CHECKED_IMAGES", 1)
+    catalog = LedgerCatalog(ledger)
+    older, newer = image("1.0", root=100, layer=2), image("2.0", root=101, layer=3)
+    records = [record_bytes(older), record_bytes(newer)]
+    catalog.checked(records[0], older)
+    catalog.checked(records[1], newer)
+    ledger.append(records)
+    catalog.committed(0, records)
+    await catalog.refresh()
+    assert (await catalog.tags(ALPINE)) == ["1.0", "2.0"]

@@ -266,10 +266,16 @@ def check_artifact_record(
         )
     envelopes = []
     for dsse in record.attestations:
-        try:
-            envelopes.append(Envelope.from_json(dsse.to_json()))
-        except AttestationError as exc:
-            raise InvalidArtifactRecord(f"{record.package_id}: {exc}") from exc
+        # A decoded DsseEnvelope already holds what Envelope.from_json checks (text payload
+        # type and keyids, raw payload and signatures); only the signature count is left.
+        if len(dsse.signatures) != 1:
+            raise InvalidArtifactRecord(
+                f"{record.package_id}: an attestation envelope carries "
+                f"{len(dsse.signatures)} signatures; expected exactly one (one envelope per "
+                "authority)"
+            )
+        ((keyid, signature),) = dsse.signatures
+        envelopes.append(Envelope(dsse.payload_type, dsse.payload, keyid, signature))
     decision = decide(envelopes, validators, threshold)
     image = decision.committed
     if image is None or decision.rejected or decision.mismatches or decision.equivocations:
@@ -286,11 +292,14 @@ def check_artifact_record(
 
 
 def record_validator(
-    validators: Callable[[], Mapping[str, bytes]], threshold: Callable[[int], int]
+    validators: Callable[[], Mapping[str, bytes]],
+    threshold: Callable[[int], int],
+    on_valid: Callable[[bytes, AcquiredImage], None] | None = None,
 ) -> Callable[[bytes], bool]:
     """Consensus' record check: canonical records; artifact records only when attested
     (``check_artifact_record`` against the current ``validators``). Governance records are
-    checked by consensus itself, as before."""
+    checked by consensus itself, as before. ``on_valid`` receives each valid artifact
+    record with the image it commits (the catalog keeps it for when the record commits)."""
 
     def valid(data: bytes) -> bool:
         try:
@@ -301,10 +310,12 @@ def record_validator(
             return True
         current = validators()
         try:
-            check_artifact_record(record, current, threshold(len(current)))
+            image = check_artifact_record(record, current, threshold(len(current)))
         except InvalidArtifactRecord as exc:
             log.warning("refusing artifact record %s: %s", record_hash(data).hex()[:16], exc)
             return False
+        if on_valid is not None:
+            on_valid(data, image)
         return True
 
     return valid

@@ -11,6 +11,8 @@ consensus' commit hook), which indexes only the entries appended since the last 
 pull never scans the log. The commit hook hands over each block's records with
 ``committed``, so entries are taken from the committed block instead of read back from the
 log; the log is read only for entries nobody handed over (at start, or after a restart).
+Consensus' record check hands over the image each valid record commits with ``checked``,
+so a record checked here is not decoded again when it commits.
 
 What it must never do: vouch for content no committed record covers, or read upstreams.
 """
@@ -19,7 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
 
 from pyrsia_node.attestation import AcquiredImage, AttestationError, parse_statement
 from pyrsia_node.ledger.log import TransparencyLog
@@ -27,6 +30,10 @@ from pyrsia_node.ledger.records import ArtifactRecord, PackageType, RecordError,
 from pyrsia_node.registry import ImageCatalog, ManifestRef, RepositoryName
 
 log = logging.getLogger(__name__)
+
+# Images of checked, not yet committed records kept for ``committed``: more than the
+# records waiting in a saturated network's mempool (~20,000 in the consensus bench).
+CHECKED_IMAGES = 1 << 15
 
 
 class CatalogError(Exception):
@@ -63,15 +70,28 @@ class LedgerCatalog:
         self._images = ImageCatalog()
         self._lock = asyncio.Lock()
         self._indexed = asyncio.Condition()
-        # first log index -> the records consensus appended there (see `committed`).
-        self._handed_over: dict[int, Sequence[bytes]] = {}
+        # first log index -> the records consensus appended there, each with its image
+        # when the record check handed it over (see `committed`).
+        self._handed_over: dict[int, list[tuple[bytes, AcquiredImage | None]]] = {}
+        # record bytes -> the image the record check found it commits (see `checked`).
+        self._checked: OrderedDict[bytes, AcquiredImage] = OrderedDict()
         self.size = 0
+
+    def checked(self, record: bytes, image: AcquiredImage) -> None:
+        """Consensus' record check found that ``record`` commits ``image``
+        (``build.check_artifact_record``); kept until the record commits, for at most the
+        last ``CHECKED_IMAGES`` records."""
+        self._checked[record] = image
+        while len(self._checked) > CHECKED_IMAGES:
+            self._checked.popitem(last=False)
 
     def committed(self, first: int, records: Sequence[bytes]) -> None:
         """``records`` were just appended to the log at index ``first`` on; the next
-        ``refresh`` indexes them from these bytes instead of reading them back."""
+        ``refresh`` indexes them from these bytes (and the images ``checked`` kept for
+        them) instead of reading them back."""
+        entries = [(record, self._checked.pop(record, None)) for record in records]
         if records and first >= self.size:
-            self._handed_over[first] = records
+            self._handed_over[first] = entries
 
     async def refresh(self) -> None:
         """Index the log entries appended since the last refresh, in log order.
@@ -96,9 +116,14 @@ class LedgerCatalog:
 
     def _read_from(self, start: int) -> tuple[list[AcquiredImage], int]:
         end = self._ledger.size
-        return images_of(self._entries(start, end)), end
+        images = []
+        for data, checked in self._entries(start, end):
+            image = checked or image_of(data)
+            if image is not None:
+                images.append(image)
+        return images, end
 
-    def _entries(self, start: int, end: int) -> Iterator[bytes]:
+    def _entries(self, start: int, end: int) -> Iterator[tuple[bytes, AcquiredImage | None]]:
         index = start
         while index < end:
             records = self._handed_over.get(index)
@@ -106,7 +131,7 @@ class LedgerCatalog:
                 yield from records
                 index += len(records)
             else:
-                yield self._ledger.entry(index)
+                yield self._ledger.entry(index), None
                 index += 1
 
     async def resolve(self, name: RepositoryName, reference: str) -> ManifestRef | None:
@@ -119,19 +144,17 @@ class LedgerCatalog:
         return await self._images.has_blob(name, digest)
 
 
-def images_of(records: Iterable[bytes]) -> list[AcquiredImage]:
-    """The images committed docker records describe, in order; other records are skipped."""
-    images = []
-    for data in records:
-        try:
-            record = decode_record(data)
-        except RecordError as exc:
-            log.warning("catalog: skipping an undecodable committed record: %s", exc)
-            continue
-        if not isinstance(record, ArtifactRecord):
-            continue
-        try:
-            images.append(record_image(record))
-        except CatalogError as exc:
-            log.warning("catalog: skipping a committed record: %s", exc)
-    return images
+def image_of(data: bytes) -> AcquiredImage | None:
+    """The image a committed docker record describes; None (logged) for other records."""
+    try:
+        record = decode_record(data)
+    except RecordError as exc:
+        log.warning("catalog: skipping an undecodable committed record: %s", exc)
+        return None
+    if not isinstance(record, ArtifactRecord):
+        return None
+    try:
+        return record_image(record)
+    except CatalogError as exc:
+        log.warning("catalog: skipping a committed record: %s", exc)
+        return None

@@ -17,7 +17,7 @@ import contextlib
 import logging
 import signal
 import time
-from collections.abc import Coroutine
+from collections.abc import Coroutine, Mapping
 from typing import Any
 
 import grpc
@@ -89,6 +89,9 @@ class Node:
             self.channel,
             interval=1.0,
         )
+        self.catalog = LedgerCatalog(self.ledger)
+        # The node-id -> key map of the validators it was built for (see `_validators`).
+        self._validator_ids: tuple[tuple[bytes, ...], Mapping[str, bytes]] = ((), {})
         self.consensus = ConsensusService(
             self.identity,
             self.genesis,
@@ -102,10 +105,11 @@ class Node:
             ),
             config=ConsensusConfig(self.genesis.chain_id),
             registry=self.metrics.registry,
-            record_valid=record_validator(self._validators, self._threshold),
+            record_valid=record_validator(
+                self._validators, self._threshold, on_valid=self.catalog.checked
+            ),
             on_commit=self._on_commit,
         )
-        self.catalog = LedgerCatalog(self.ledger)
         self._authorities_cache: tuple[int, list[Authority]] = (-1, [])
         self.uploads_in_flight = 0
         # Peer-to-peer blob distribution (DHT + transfer). An authority holds the blobs of
@@ -182,14 +186,17 @@ class Node:
             for u in self.genesis.upstreams
         }
 
-    def _validators(self) -> dict[str, bytes]:
-        """The current authorities, node id -> public key (genesis until consensus runs)."""
+    def _validators(self) -> Mapping[str, bytes]:
+        """The current authorities, node id -> public key (genesis until consensus runs);
+        the map is rebuilt only when the validator set changes (every record check asks)."""
         keys = (
             self.consensus.core.chain.validators.validators
             if self.consensus.started
             else tuple(a.public_key for a in self.genesis.authorities)
         )
-        return {identity.node_id_for(k): k for k in keys}
+        if keys != self._validator_ids[0]:
+            self._validator_ids = (keys, {identity.node_id_for(k): k for k in keys})
+        return self._validator_ids[1]
 
     def _threshold(self, authorities: int) -> int:
         return attestation_threshold(self.genesis, authorities)

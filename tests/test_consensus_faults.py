@@ -433,9 +433,14 @@ def test_a_two_two_partition_commits_nothing_and_recovers_within_ten_seconds(
 ) -> None:
     with RecordFeeder(network) as feeder:
         wait_until(lambda: min(network.heights().values()) >= 2, 30, lambda: str(network.heights()))
-        # Consensus really goes through the proxy: every authority dialled every other.
-        for caller, target in itertools.permutations(AUTHORITIES, 2):
-            assert network.proxy.forwarded(caller, target) >= 1, (caller, target)
+        # Consensus really goes through the proxy: every authority dialled every other (a
+        # quorum can reach height 2 before the last pair's stream is up on a loaded machine).
+        pairs = list(itertools.permutations(AUTHORITIES, 2))
+        wait_until(
+            lambda: all(network.proxy.forwarded(c, t) >= 1 for c, t in pairs),
+            30,
+            lambda: str([p for p in pairs if network.proxy.forwarded(*p) < 1]),
+        )
         network.proxy.split(
             {"authority-0", "authority-1", "peer-0"}, {"authority-2", "authority-3"}
         )

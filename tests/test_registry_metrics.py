@@ -53,7 +53,7 @@ async def test_requests_hits_and_misses_are_counted(tmp_path: Path) -> None:
         assert (await client.get(f"/v2/app/blobs/{digest(layer)}")).status == 200
         assert (await client.get(f"/v2/app/blobs/{digest(layer)}")).status == 200
         assert (await client.get("/v2/app/manifests/2.0")).status == 404
-        assert (await client.get("/v2/app/manifests/bad tag")).status == 400
+        assert (await client.get("/v2/app/manifests/sha256:bad")).status == 400
     assert fetched == [digest(layer)]
     assert value(metrics, "pyrsia_registry_requests_total", code="200") == 3
     assert value(metrics, "pyrsia_registry_requests_total", code="404") == 1

@@ -7,6 +7,8 @@ Layout (one job per module):
   chain       ChainState: next height, last block hash, validator sets for h and h + 1
   wal         the fsynced write-ahead state that keeps a validator safe across restarts
   core        the Tendermint state machine: events in, actions out; no IO, clock injected
+  completion  compact proposals waiting for records: whom to ask, which record completes
+  following   which authority a peer streams blocks from, and when it moves to another
 
 The core never touches the network, the disk or the system clock; shells execute its
 actions. Peers follow the chain with `verify_commit_certificate` and `ChainState.after`.

@@ -15,10 +15,13 @@ the actions it returns, in order:
 
 Proposals travel in compact form: their records as leaf hashes, since every authority
 received the records themselves by gossip. A receiver completes a compact proposal from
-its mempool and fetches the records it lacks (`GetRecords`) from the authority that sent
-it, admitting them through the mempool, before the proposal reaches the core; the core
-then checks the block as always (each record pending, i.e. checked at admission, or
-checked now), so no record is voted for unchecked.
+its mempool before the proposal reaches the core. The records it lacks it fetches
+(`GetRecords`) from the authority that sent it, then from each other authority once (they
+received the records by gossip too), admitting them through the mempool; meanwhile the
+proposal waits (`pyrsia_node.consensus.completion`, bounded per sender) and completes as
+soon as its last record is admitted, fetched or gossiped. The core then checks the block as
+always (each record pending, i.e. checked at admission, or checked now), so no record is
+voted for unchecked.
 
 Records submitted to this node are gossiped to every other authority in one
 `RecordBatch` per event-loop turn; a record event whose record has left the mempool
@@ -27,8 +30,11 @@ refuses a block repeating a record the log holds. With `registry`, the metrics o
 `pyrsia_node.consensus.metrics` are registered there.
 
 Nodes that are not validators (peers) run the same core as followers: they never sign,
-open no consensus streams and follow the chain with `GetBlocks(follow=True)`, accepting a
-block only with a commit certificate of a quorum of that height's validator set.
+open no consensus streams and follow the chain with `GetBlocks(follow=True)` from one
+authority, accepting a block only with a commit certificate of a quorum of that height's
+validator set. They probe the other authorities' heights (`GetBlocks(certificates_only)`)
+and leave an authority whose stream ends or that lags behind them
+(`pyrsia_node.consensus.following`).
 
 The network is a `ConsensusTransport` (the gRPC one here, fakes in tests); the clock is a
 parameter. This module logs with context and never logs key material.
@@ -52,6 +58,7 @@ from pyrsia.v1 import consensus_pb2_grpc as pb_grpc
 
 from pyrsia_node.consensus.blocks import BlockStore
 from pyrsia_node.consensus.chain import ChainState
+from pyrsia_node.consensus.completion import AwaitingRecords, ask_order
 from pyrsia_node.consensus.core import (
     Action,
     Broadcast,
@@ -70,6 +77,7 @@ from pyrsia_node.consensus.core import (
     TimeoutFired,
     VoteReceived,
 )
+from pyrsia_node.consensus.following import Following, FollowTiming, proves_commit
 from pyrsia_node.consensus.governance import governance_decoder, governance_record
 from pyrsia_node.consensus.mempool import Mempool, MempoolLimits, RecordRejected
 from pyrsia_node.consensus.messages import Block, CommitCertificate, Proposal
@@ -78,6 +86,8 @@ from pyrsia_node.consensus.validators import ValidatorSet
 from pyrsia_node.consensus.wal import Step, WalState, WriteAheadFile
 from pyrsia_node.consensus.wire import (
     WireError,
+    certificate_from_pb,
+    certificate_to_pb,
     committed_from_pb,
     committed_to_pb,
     compact_proposal_to_pb,
@@ -118,6 +128,11 @@ GOSSIP_BATCH_BYTES = 1 << 20
 # Records submitted here are gossiped at most this often (seconds): each stream message
 # costs far more CPU in gRPC than its bytes, and a few ms add little to a commit.
 GOSSIP_INTERVAL = 0.025
+# A compact proposal's missing records: the next authority is asked when the one asked
+# before failed or has not answered for this long (seconds), well inside a propose timeout.
+ASK_NEXT_AFTER = 0.2
+# Compact proposals waiting for records, per sending authority.
+WAITING_PROPOSALS_PER_SENDER = 2
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 
@@ -151,6 +166,12 @@ class ConsensusTransport(Protocol):
     async def fetch_records(self, peer: bytes, hashes: Sequence[bytes]) -> list[bytes]:
         """The pending records `peer` holds among those with these leaf hashes."""
 
+    async def fetch_certificate(
+        self, peer: bytes, height: int, seconds: float
+    ) -> pb.CommitCertificate | None:
+        """`peer`'s commit certificate for `height`, waiting at most `seconds`; None when
+        it has not committed that height."""
+
     async def close(self) -> None: ...
 
 
@@ -173,6 +194,9 @@ class GrpcTransport:
         self._addresses: dict[bytes, str] = {}
         self._queues: dict[bytes, asyncio.Queue[pb.ConsensusEnvelope]] = {}
         self._senders: dict[bytes, asyncio.Task[None]] = {}
+        # Kept open (by address; closed with the transport): followers probe every
+        # authority every second or so.
+        self._probe_channels: dict[str, grpc.aio.Channel] = {}
 
     def set_authorities(self, addresses: Mapping[bytes, str], stream: bool) -> None:
         me = self._identity.public_key
@@ -259,6 +283,26 @@ class GrpcTransport:
         finally:
             await channel.close(None)
 
+    async def fetch_certificate(
+        self, peer: bytes, height: int, seconds: float
+    ) -> pb.CommitCertificate | None:
+        address = self._addresses.get(peer)
+        if address is None:
+            return None
+        channel = self._probe_channels.get(address)
+        if channel is None:
+            channel = self._probe_channels[address] = self._channel(address)
+        call = pb_grpc.ConsensusStub(channel).GetBlocks(
+            pb.GetBlocksRequest(from_height=height, limit=1, certificates_only=True),
+            timeout=seconds,
+        )
+        try:
+            async for item in call:
+                return item.certificate
+        finally:
+            call.cancel()
+        return None
+
     async def close(self) -> None:
         for task in self._senders.values():
             task.cancel()
@@ -267,6 +311,9 @@ class GrpcTransport:
                 await task
         self._senders.clear()
         self._queues.clear()
+        for channel in self._probe_channels.values():
+            await channel.close(None)
+        self._probe_channels.clear()
 
 
 class ConsensusService:
@@ -288,6 +335,7 @@ class ConsensusService:
         record_valid: Callable[[bytes], bool] | None = None,
         on_commit: Callable[[Block, CommitCertificate], None] | None = None,
         registry: CollectorRegistry | None = None,
+        follow_timing: FollowTiming | None = None,
     ) -> None:
         self.identity = identity
         self.genesis = genesis
@@ -328,9 +376,15 @@ class ConsensusService:
         self._gossip_scheduled = False
         # Records admitted during this event-loop turn: they reach the core as one event.
         self._admitted: list[bytes] = []
-        # Compact proposals (by signature) whose missing records are being fetched.
-        self._completing: set[bytes] = set()
+        # Compact proposals waiting for records, by sender + signature: (sender, proposal,
+        # its record hashes).
+        self._awaiting: AwaitingRecords[tuple[bytes, pb.ConsensusProposal, list[bytes]]] = (
+            AwaitingRecords(WAITING_PROPOSALS_PER_SENDER)
+        )
         self._fetches: set[asyncio.Task[None]] = set()
+        # Followers: the authority followed and what is known of the others.
+        self._follow_timing = follow_timing or FollowTiming()
+        self._following: Following | None = None
 
     # Wiring -----------------------------------------------------------------------------
 
@@ -385,6 +439,10 @@ class ConsensusService:
             "signing_floor": core.signing_floor,
             "pending_records": len(self.mempool),
             "equivocations": self.equivocations,
+            # Followers: the authority whose committed blocks this node streams.
+            "source": None
+            if self._following is None
+            else self._names.get(self._following.source, self._following.source.hex()[:16]),
         }
 
     async def start(self) -> None:
@@ -478,6 +536,11 @@ class ConsensusService:
         if not self._admitted:
             asyncio.get_running_loop().call_soon(self._hand_admitted_to_core)
         self._admitted.append(record)
+        if self._awaiting:
+            for sender, message, hashes in self._awaiting.supplied(leaf_hash(record)):
+                records = _complete(hashes, self.mempool.get)
+                if records is not None:  # else one left the mempool: its block committed
+                    self._hand_over(sender, message, records)
         return True
 
     def _hand_admitted_to_core(self) -> None:
@@ -524,53 +587,87 @@ class ConsensusService:
             proposal = proposal_from_compact_pb(message, records)
             self._events.put_nowait(ProposalReceived(proposal, sender))
             return
-        if message.signature in self._completing or len(self._completing) >= 16:
-            return  # a retransmission of one being completed, or too many at once
-        self._completing.add(message.signature)
+        height = message.compact_block.height
+        core = self._core
+        if core is not None:
+            if height < core.height:
+                return  # decided already
+            self._awaiting.drop_below(core.height)
+        key = sender + message.signature  # the signature alone is no proof before completion
         missing = [h for h in hashes if self.mempool.get(h) is None]
+        if not self._awaiting.add(key, (sender, message, hashes), sender, height, missing):
+            return  # a retransmission of one that waits
         task = asyncio.create_task(
-            self._complete_proposal(sender, message, hashes, missing),
-            name="consensus-complete-proposal",
+            self._fetch_missing(key, sender), name="consensus-complete-proposal"
         )
         self._fetches.add(task)
         task.add_done_callback(self._fetches.discard)
 
-    async def _complete_proposal(
-        self,
-        sender: bytes,
-        message: pb.ConsensusProposal,
-        hashes: list[bytes],
-        missing: list[bytes],
-    ) -> None:
-        """Fetch a compact proposal's missing records from `sender` (which proposed or
-        holds the block), admit them, and hand the whole proposal to the core."""
+    async def _fetch_missing(self, key: bytes, sender: bytes) -> None:
+        """Ask `sender` (which proposed or holds the block) for the records the waiting
+        proposal `key` lacks, then each other authority once (`completion.ask_order`): the
+        next one as soon as an ask failed or none answered for `ASK_NEXT_AFTER` seconds.
+        Asking stops once the proposal is complete, from an answer or from gossip
+        (`_admit`); if no one supplies every record it waits for gossip until its height is
+        decided or its sender's newer proposals push it out."""
+        authorities = self._authority_keys()
+        asks: set[asyncio.Task[None]] = set()
         try:
-            fetched = await self.transport.fetch_records(sender, missing)
-        except grpc.aio.AioRpcError as exc:
-            log.debug("consensus: fetching records from %s failed: %s", sender.hex()[:16], exc)
-            return
+            for peer in ask_order(sender, authorities, self.identity.public_key):
+                if key not in self._awaiting:
+                    return
+                asks.add(asyncio.create_task(self._ask_for_records(key, peer)))
+                _, asks = await asyncio.wait(
+                    asks, timeout=ASK_NEXT_AFTER, return_when=asyncio.FIRST_COMPLETED
+                )
+            while asks and key in self._awaiting:
+                _, asks = await asyncio.wait(asks, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            self._completing.discard(message.signature)
+            for ask in asks:
+                ask.cancel()
+            await asyncio.gather(*asks, return_exceptions=True)
+
+    async def _ask_for_records(self, key: bytes, peer: bytes) -> None:
+        """Fetch from `peer` the records the waiting proposal `key` lacks and admit them
+        (the last one completes it). A record the mempool refuses (it may be full) still
+        completes the proposal: the core checks every record of a block anyway."""
+        missing = self._awaiting.missing(key)
+        if not missing:
+            return
+        try:
+            fetched = await self.transport.fetch_records(peer, missing)
+        except grpc.aio.AioRpcError as exc:
+            log.debug("consensus: fetching records from %s failed: %s", peer.hex()[:16], exc)
+            return
         wanted = set(missing)
         found: dict[bytes, bytes] = {}
         for record in fetched:
-            key = leaf_hash(record)
-            if key in wanted:
-                found[key] = record
+            record_hash = leaf_hash(record)
+            if record_hash in wanted:
+                found[record_hash] = record
                 with contextlib.suppress(RecordRejected):
                     self._admit(record)
-        self._hand_admitted_to_core()  # before the proposal that needs them
-        records = _complete(
-            hashes, lambda key: found[key] if key in found else self.mempool.get(key)
-        )
-        if records is None:
-            log.debug("consensus: %s did not supply its proposal's records", sender.hex()[:16])
+        waiting = self._awaiting.get(key)
+        if waiting is None or not found:
             return
+        sender, message, hashes = waiting
+        records = _complete(hashes, lambda h: found[h] if h in found else self.mempool.get(h))
+        if records is None:
+            log.debug("consensus: %s lacks records of a proposal it was asked for", peer.hex()[:16])
+            return
+        self._awaiting.discard(key)
+        self._hand_over(sender, message, records)
+
+    def _hand_over(
+        self, sender: bytes, message: pb.ConsensusProposal, records: list[bytes]
+    ) -> None:
+        """Give the core a completed compact proposal, after the records admitted so far."""
         try:
             proposal = proposal_from_compact_pb(message, records)
         except (WireError, ValueError) as exc:
             log.warning("consensus: malformed proposal from %s: %s", sender.hex()[:16], exc)
             return
+        self._hand_admitted_to_core()
         self._events.put_nowait(ProposalReceived(proposal, sender))
 
     def records_by_hash(self, hashes: Sequence[bytes]) -> list[bytes]:
@@ -827,19 +924,94 @@ class ConsensusService:
             log.debug("consensus: block sync from %s failed: %s", peer.hex()[:16], exc)
 
     async def _follow(self) -> None:
-        """Followers: stream committed blocks from one authority after another."""
-        index = 0
-        while True:
-            authorities = sorted(self.core.chain.validators.validators)
-            peer = authorities[index % len(authorities)]
-            index += 1
-            try:
-                stream = self.transport.fetch_blocks(peer, self.height + 1, 0, True)
-                async for item in stream:
-                    self._events.put_nowait(CommitReceived(*committed_from_pb(item)))
-            except (grpc.aio.AioRpcError, WireError, ValueError) as exc:
-                log.debug("consensus: following %s failed: %s", peer.hex()[:16], exc)
-            await asyncio.sleep(RECONNECT_SECONDS)
+        """Followers: stream committed blocks from one authority (the source), probe the
+        others every `FollowTiming.probe_interval`, and move on when the source's stream
+        ends or the source lags (the rules and their invariants:
+        `pyrsia_node.consensus.following`). Whoever sends a block, the core accepts it
+        only with a valid commit certificate."""
+        timing = self._follow_timing
+        self._following = Following.begin(
+            self._voters(), self.core.height - 1, self._clock(), timing
+        )
+        stream: asyncio.Task[None] | None = None
+        try:
+            while True:
+                if stream is None:
+                    stream = asyncio.create_task(
+                        self._stream_blocks(self._following.source),
+                        name="consensus-follow-stream",
+                    )
+                await asyncio.wait({stream}, timeout=timing.probe_interval)
+                if stream.done():
+                    stream.result()  # errors it does not expect end the follower
+                    stream = None
+                    await asyncio.sleep(RECONNECT_SECONDS)
+                    self._following = self._following.after_stream_end(
+                        self._voters(), self._clock()
+                    )
+                    continue
+                await self._probe_authorities()
+                moved = self._following.next_source(self._voters(), self._clock())
+                if moved is not None:
+                    log.info(
+                        "consensus: following %s instead of %s, which lags at height %d",
+                        self._names.get(moved.source, moved.source.hex()[:16]),
+                        self._names.get(self._following.source, "?"),
+                        self._following.delivered(self._clock()),
+                    )
+                    stream.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await stream
+                    stream = None
+                    self._following = moved
+        finally:
+            if stream is not None:
+                stream.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stream
+
+    async def _stream_blocks(self, source: bytes) -> None:
+        """Hand the core the blocks `source` streams, from the next undecided height on."""
+        try:
+            async for item in self.transport.fetch_blocks(source, self.core.height, 0, True):
+                block, cert = committed_from_pb(item)
+                following = self._following
+                if following is not None and following.source == source:
+                    self._following = following.streamed_block(block.height)
+                self._events.put_nowait(CommitReceived(block, cert))
+        except (grpc.aio.AioRpcError, WireError, ValueError) as exc:
+            log.debug("consensus: following %s failed: %s", source.hex()[:16], exc)
+
+    async def _probe_authorities(self) -> None:
+        """Ask every authority but the source for its commit certificate of the next height
+        this node has not decided, and note who proved it (`Following.proved`)."""
+        assert self._following is not None
+        chain = self.core.chain
+        self._following = self._following.decided_height(chain.height - 1, self._clock())
+        others = [k for k in sorted(chain.validators.validators) if k != self._following.source]
+        proved = await asyncio.gather(
+            *(self._probe(key, chain.height, chain.validators) for key in others)
+        )
+        now = self._clock()
+        for key, ok in zip(others, proved, strict=True):
+            self._following = self._following.proved(key, chain.height if ok else None, now)
+
+    async def _probe(self, peer: bytes, height: int, validators: ValidatorSet) -> bool:
+        """Whether `peer` shows a valid commit certificate for `height`."""
+        try:
+            message = await self.transport.fetch_certificate(
+                peer, height, self._follow_timing.probe_interval
+            )
+            if message is None:
+                return False
+            cert = certificate_from_pb(message)
+        except (grpc.aio.AioRpcError, WireError, ValueError) as exc:
+            log.debug("consensus: probing %s failed: %s", peer.hex()[:16], exc)
+            return False
+        return proves_commit(self.config.chain_id, cert, height, validators, verify_signature)
+
+    def _voters(self) -> list[bytes]:
+        return sorted(self.core.chain.validators.validators)
 
     # Authorities ------------------------------------------------------------------------
 
@@ -849,6 +1021,14 @@ class ConsensusService:
             if governance is not None and governance.grpc_address:
                 self._addresses[governance.public_key] = governance.grpc_address
                 self._names[governance.public_key] = governance.name
+
+    def _authority_keys(self) -> set[bytes]:
+        """The validators of this height and the next (the genesis ones before start)."""
+        core = self._core
+        if core is None:
+            return set(self._addresses)
+        chain = core.chain
+        return {*chain.validators.validators, *chain.next_validators.validators}
 
     def _update_transport(self) -> None:
         chain = self.core.chain
@@ -947,7 +1127,10 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
         async for block, cert in self._service.blocks_from(
             request.from_height, request.limit, request.follow
         ):
-            yield committed_to_pb(block, cert)
+            if request.certificates_only:
+                yield pb.CommittedBlock(certificate=certificate_to_pb(cert))
+            else:
+                yield committed_to_pb(block, cert)
 
     async def GetRecords(  # noqa: N802 (gRPC method name)
         self,

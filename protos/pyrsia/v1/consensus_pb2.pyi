@@ -85,7 +85,9 @@ class CompactBlock(_message.Message):
     """A block by reference: its records named by their RFC 9162 leaf hashes
     (SHA-256(0x00 || record)). The receiver takes the records from its pool of pending
     records (they were gossiped to it) and fetches the ones it lacks with GetRecords from
-    the node that sent the proposal; the block and its hash are then rebuilt as usual.
+    the node that sent the proposal, or from other authorities when that one does not supply
+    them, or takes them from gossip arriving later; the block and its hash are then rebuilt
+    as usual.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -434,21 +436,28 @@ class GetBlocksRequest(_message.Message):
     FROM_HEIGHT_FIELD_NUMBER: _builtins.int
     LIMIT_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    CERTIFICATES_ONLY_FIELD_NUMBER: _builtins.int
     from_height: _builtins.int
     limit: _builtins.int
     """0: the server's maximum"""
     follow: _builtins.bool
     """keep the stream open and push each new block (gossip)"""
+    certificates_only: _builtins.bool
+    """Send each CommittedBlock with its certificate only (block unset): a probe of how far
+    the server has committed that costs no record bytes. A follower checks the
+    certificate itself; a server that ignores the flag sends whole blocks, which serve too.
+    """
     def __init__(
         self,
         *,
         from_height: _builtins.int = ...,
         limit: _builtins.int = ...,
         follow: _builtins.bool = ...,
+        certificates_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "from_height", b"from_height", "limit", b"limit"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates_only", b"certificates_only", "follow", b"follow", "from_height", b"from_height", "limit", b"limit"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -73,7 +73,8 @@ class ConsensusServicer:
 
     def GetBlocks(self, request, context):
         """Committed blocks with their certificates from from_height on, for lagging authorities
-        and for peers; with follow, new blocks are pushed as they commit.
+        and for peers; with follow, new blocks are pushed as they commit; with
+        certificates_only, only the certificates (how peers probe other authorities' heights).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -41,7 +41,8 @@ class ConsensusStub:
     """An authority pushes its consensus messages to another; starts with a StreamHello."""
     GetBlocks: _grpc.UnaryStreamMultiCallable[_consensus_pb2.GetBlocksRequest, _consensus_pb2.CommittedBlock]
     """Committed blocks with their certificates from from_height on, for lagging authorities
-    and for peers; with follow, new blocks are pushed as they commit.
+    and for peers; with follow, new blocks are pushed as they commit; with
+    certificates_only, only the certificates (how peers probe other authorities' heights).
     """
     SubmitRecord: _grpc.UnaryUnaryMultiCallable[_consensus_pb2.SubmitRecordRequest, _consensus_pb2.SubmitRecordResponse]
     """Offer a record to the mempool of pending records."""
@@ -57,7 +58,8 @@ class ConsensusAsyncStub(ConsensusStub):
     """An authority pushes its consensus messages to another; starts with a StreamHello."""
     GetBlocks: _aio.UnaryStreamMultiCallable[_consensus_pb2.GetBlocksRequest, _consensus_pb2.CommittedBlock]  # type: ignore[assignment]
     """Committed blocks with their certificates from from_height on, for lagging authorities
-    and for peers; with follow, new blocks are pushed as they commit.
+    and for peers; with follow, new blocks are pushed as they commit; with
+    certificates_only, only the certificates (how peers probe other authorities' heights).
     """
     SubmitRecord: _aio.UnaryUnaryMultiCallable[_consensus_pb2.SubmitRecordRequest, _consensus_pb2.SubmitRecordResponse]  # type: ignore[assignment]
     """Offer a record to the mempool of pending records."""
@@ -82,7 +84,8 @@ class ConsensusServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_consensus_pb2.CommittedBlock], _abc.AsyncIterator[_consensus_pb2.CommittedBlock]]:
         """Committed blocks with their certificates from from_height on, for lagging authorities
-        and for peers; with follow, new blocks are pushed as they commit.
+        and for peers; with follow, new blocks are pushed as they commit; with
+        certificates_only, only the certificates (how peers probe other authorities' heights).
         """
 
     @_abc_1.abstractmethod

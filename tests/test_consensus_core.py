@@ -644,6 +644,36 @@ def test_core_counts_a_new_validator_from_h_plus_2() -> None:
     assert core.chain.validators.quorum == 4
 
 
+def test_a_validator_set_change_ends_the_block_it_is_proposed_in() -> None:
+    """Records after a change wait for the next block: in this one they would be judged by
+    the authorities in force before the change, in the log by those after it."""
+    core = make_core(1, WAIT_FOR_RECORDS, validator_set_change=gov)
+    step(core)
+    change = b"add:" + OUTSIDER.public_key
+    actions = step(core, RecordsSubmitted((b"r1", change, b"r2")))
+    assert [p.block.records for p in proposals_in(actions)] == [(b"r1", change)]
+
+
+@pytest.mark.parametrize(
+    ("records", "valid"),
+    [
+        ((b"r1", b"add:" + OUTSIDER.public_key), True),
+        ((b"add:" + OUTSIDER.public_key, b"r1"), False),
+        ((b"remove:" + KEYS[3].public_key, b"add:" + OUTSIDER.public_key), False),
+    ],
+)
+def test_a_block_with_a_record_after_a_validator_set_change_gets_a_nil_prevote(
+    records: tuple[bytes, ...], valid: bool
+) -> None:
+    core = make_core(0, validator_set_change=gov)
+    step(core)
+    b = block(records)
+    actions = feed(core, proposal(b, 0))
+    assert [v.block_hash for v in votes_of(actions, core, VoteType.PREVOTE)] == [
+        b.hash if valid else None
+    ]
+
+
 def test_retransmission_resends_own_messages_and_relays_votes_that_moved_the_node() -> None:
     core = make_core(0)
     step(core)
@@ -803,22 +833,20 @@ def test_a_block_repeating_a_committed_record_gets_a_nil_prevote() -> None:
     assert [v.block_hash for v in votes_of(actions, core, VoteType.PREVOTE)] == [None]
 
 
-def test_pending_records_are_checked_again_when_the_validators_change() -> None:
-    attesters_in_force = {True}  # the record's attester is a validator until it is not
-    core = make_core(
-        0, validator_set_change=gov, record_valid=lambda r: r != b"x" or True in attesters_in_force
-    )
+def test_pending_records_are_checked_again_when_the_authorities_in_force_change() -> None:
+    """A REMOVE committed at height 1 takes the attester out of force at once: its record,
+    pending since before, gets a nil prevote at height 2, while the removed key still votes."""
+    attester = KEYS[3].public_key
+
+    def attested_in_force(record: bytes) -> bool:
+        return record != b"x" or attester in core.chain.authorities_in_force
+
+    core = make_core(0, validator_set_change=gov, record_valid=attested_in_force)
     step(core)
     step(core, RecordSubmitted(b"x"))
-    b1 = Block(CHAIN, 1, GENESIS_PREV_HASH, KEYS[1].public_key, (b"add:" + OUTSIDER.public_key,))
+    b1 = Block(CHAIN, 1, GENESIS_PREV_HASH, KEYS[1].public_key, (b"remove:" + attester,))
     step(core, CommitReceived(b1, certificate(b1, 0, [1, 2, 3])))
-    attesters_in_force.clear()
-    b2 = Block(CHAIN, 2, b1.hash, KEYS[2].public_key, ())
-    step(core, CommitReceived(b2, certificate(b2, 0, [1, 2, 3])))
-    assert core.height == 3 and OUTSIDER.public_key in core.chain.validators
-    proposer = core.chain.validators.proposer(3, 0)
-    key = next(k for k in (*KEYS, OUTSIDER) if k.public_key == proposer)
-    b3 = Block(CHAIN, 3, b2.hash, proposer, (b"x",))
-    message = signing_bytes(CHAIN, MessageKind.PROPOSAL, 3, 0, b3.hash, -1)
-    actions = feed(core, Proposal(b3, 0, -1, proposer, key.sign(message)))
+    assert core.height == 2 and attester in core.chain.validators
+    b2 = Block(CHAIN, 2, b1.hash, KEYS[2].public_key, (b"x",))
+    actions = feed(core, proposal(b2, 0))
     assert [v.block_hash for v in votes_of(actions, core, VoteType.PREVOTE)] == [None]

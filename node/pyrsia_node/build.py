@@ -20,9 +20,16 @@ neither overtake nor tie the leading image (``settled``), so the result is the o
 for every authority would give; the late attestations still join the build's report.
 
 ``record_validator`` is consensus' record check: an artifact record is valid only when
-its attestations verify against the current authorities and at least the threshold of
+its attestations verify against the authorities in force and at least the threshold of
 them attest exactly the record's artifacts, so a forged or under-attested record never
 commits.
+
+"The authorities in force" has one meaning everywhere here: the ledger's set at the log
+position in question (``ledger.authorities``). The record check, the threshold and the
+Acquire check take it from consensus (``ConsensusService.authorities_in_force``: the set
+at the log's size, a governance change included from the commit of its block, two heights
+before it votes); a coordinator takes it from its log (``authorities_at``), which is the
+same set once the log holds the last committed block.
 
 ``BuildClient`` is what any node uses to start builds and read their state, locally on an
 authority or over gRPC; a build id starts with the owning authority's node id prefix.
@@ -193,7 +200,7 @@ def split_package_id(package_id: str) -> tuple[str, str, str]:
 
 
 def attestation_threshold(genesis: Genesis, authorities: int) -> int:
-    """Matching attestations an image needs among ``authorities`` current authorities."""
+    """Matching attestations an image needs among ``authorities`` authorities in force."""
     return min(genesis.attestation_threshold or quorum(authorities), authorities)
 
 
@@ -297,9 +304,10 @@ def record_validator(
     on_valid: Callable[[bytes, AcquiredImage], None] | None = None,
 ) -> Callable[[bytes], bool]:
     """Consensus' record check: canonical records; artifact records only when attested
-    (``check_artifact_record`` against the current ``validators``). Governance records are
-    checked by consensus itself, as before. ``on_valid`` receives each valid artifact
-    record with the image it commits (the catalog keeps it for when the record commits)."""
+    (``check_artifact_record`` against ``validators``, the authorities in force, and the
+    threshold over their number). Governance records are checked by consensus itself, as
+    before. ``on_valid`` receives each valid artifact record with the image it commits (the
+    catalog keeps it for when the record commits)."""
 
     def valid(data: bytes) -> bool:
         try:
@@ -352,7 +360,7 @@ def check_acquire_request(
     authorities: Mapping[str, bytes],
     now_ms: int,
 ) -> None:
-    """Raise ``AcquireRefused`` unless a current authority (node id -> public key in
+    """Raise ``AcquireRefused`` unless an authority in force (node id -> public key in
     ``authorities``) signed ``request`` within ``MAX_REQUEST_SKEW_MS`` of ``now_ms``.
 
     Only authorities coordinate builds, so only they may make another authority fetch from

@@ -14,6 +14,13 @@ log; the log is read only for entries nobody handed over (at start, or after a r
 Consensus' record check hands over the image each valid record commits with ``checked``,
 so a record checked here is not decoded again when it commits.
 
+Which records are servable: every committed docker record whose statement matches it. The
+catalog does not judge attestations again, because committing already did with the one
+definition of who counts: consensus admits an artifact record only when the threshold of
+the authorities in force at its log index (``ledger.authorities``) attest it, and every
+attestation it carries is by one of them and attests the same image; so the first names
+the image.
+
 What it must never do: vouch for content no committed record covers, or read upstreams.
 """
 

@@ -90,8 +90,9 @@ class Node:
             interval=1.0,
         )
         self.catalog = LedgerCatalog(self.ledger)
-        # The node-id -> key map of the validators it was built for (see `_validators`).
-        self._validator_ids: tuple[tuple[bytes, ...], Mapping[str, bytes]] = ((), {})
+        # The node-id -> key map of the authorities it was built for (see
+        # `_authorities_in_force`).
+        self._in_force_ids: tuple[tuple[bytes, ...], Mapping[str, bytes]] = ((), {})
         self.consensus = ConsensusService(
             self.identity,
             self.genesis,
@@ -106,7 +107,7 @@ class Node:
             config=ConsensusConfig(self.genesis.chain_id),
             registry=self.metrics.registry,
             record_valid=record_validator(
-                self._validators, self._threshold, on_valid=self.catalog.checked
+                self._authorities_in_force, self._threshold, on_valid=self.catalog.checked
             ),
             on_commit=self._on_commit,
         )
@@ -127,7 +128,7 @@ class Node:
                 self.distribution.announce,
                 registry=self.metrics.registry,
                 chain_id=self.genesis.chain_id,
-                authorities=self._validators,
+                authorities=self._authorities_in_force,
             )
             self.builds = BuildCoordinator(
                 self.identity.node_id,
@@ -186,17 +187,16 @@ class Node:
             for u in self.genesis.upstreams
         }
 
-    def _validators(self) -> Mapping[str, bytes]:
-        """The current authorities, node id -> public key (genesis until consensus runs);
-        the map is rebuilt only when the validator set changes (every record check asks)."""
-        keys = (
-            self.consensus.core.chain.validators.validators
-            if self.consensus.started
-            else tuple(a.public_key for a in self.genesis.authorities)
-        )
-        if keys != self._validator_ids[0]:
-            self._validator_ids = (keys, {identity.node_id_for(k): k for k in keys})
-        return self._validator_ids[1]
+    def _authorities_in_force(self) -> Mapping[str, bytes]:
+        """The authorities in force (``ConsensusService.authorities_in_force``: the ledger's
+        set at its size, a governance change included from the commit of its block), node
+        id -> public key: whose attestations count in the record check, against whose number
+        the threshold is taken, whose Acquire requests are served. The map is rebuilt only
+        when the set changes (every record check asks)."""
+        keys = self.consensus.authorities_in_force()
+        if keys != self._in_force_ids[0]:
+            self._in_force_ids = (keys, {identity.node_id_for(k): k for k in keys})
+        return self._in_force_ids[1]
 
     def _threshold(self, authorities: int) -> int:
         return attestation_threshold(self.genesis, authorities)

@@ -10,8 +10,11 @@ and offers it to this node's mempool, which gossips it to every authority:
 * 409: this node is not an authority, so nothing would propose the record;
 * 503: consensus has not started yet; retry.
 
-Whether the record's attestations suffice is the mempool's `record_valid` check, the same
-one records gossiped from other authorities pass.
+Whether the record's attestations suffice is the mempool's `record_valid` check against
+the authorities in force, the same one records gossiped from other authorities pass.
+Governance records (ADD/REMOVE of an authority, signed with the network's governance key)
+come in here too; a change is in force from the commit of its block and votes two heights
+later.
 """
 
 from __future__ import annotations

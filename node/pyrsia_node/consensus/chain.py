@@ -4,6 +4,14 @@ validator sets for the next two heights.
 `ChainState.after(block, decoder)` is the only way to advance, so replaying the committed
 blocks from genesis always yields the same state; the node does that at start-up from its
 durable ledger, and the consensus core does it on every commit.
+
+Two questions, two answers from the same state:
+
+* *who votes* at the next height: `validators` (a change committed at H votes from H + 2);
+* *whose attestations count* for the records of the next block: `authorities_in_force`,
+  the set after every committed change. It is the ledger's authorities in force at the
+  log's size (`pyrsia_node.ledger.authorities`), because a governance record ends its block
+  (`ConsensusCore`): no record of a block sits after a change in it.
 """
 
 from __future__ import annotations
@@ -26,6 +34,14 @@ class ChainState:
     prev_hash: bytes
     validators: ValidatorSet
     next_validators: ValidatorSet
+
+    @property
+    def authorities_in_force(self) -> ValidatorSet:
+        """The authorities in force after the last committed block: whose attestations
+        count for a record of the next block, whose cosignatures the checkpoint of the log's
+        size needs, whose build requests are served. Equal to `next_validators`; it depends
+        only on the committed chain, so every node judges a record alike."""
+        return self.next_validators
 
     @classmethod
     def genesis(cls, validators: ValidatorSet) -> ChainState:

@@ -32,10 +32,16 @@ Invariants the core maintains, each checked by tests/test_consensus*.py:
   (as the paper's message sets do; at most `MAX_VALUES_PER_SLOT` values per key), because
   otherwise an equivocator can show honest nodes different first votes and stall them.
 * Block validity: every record is pending here (checked with `record_valid` when it was
-  submitted, and again whenever the validator set changes) or passes `record_valid` now
-  and is not `record_committed` (already in the log).
+  submitted, and again whenever the authorities in force change) or passes `record_valid`
+  now and is not `record_committed` (already in the log). `record_valid` judges a record by
+  the chain's `authorities_in_force` (the set after every committed change), so a check
+  made at one height holds for the whole height.
+* A validator-set change (a record `validator_set_change` decodes) ends its block: no record
+  follows it there, so every record of a block is judged by the authorities in force where
+  it lands in the log (`pyrsia_node.ledger.authorities`), the set before the block.
 * Validator sets come from `ChainState`: a governance record committed at H changes the set
-  from H + 2, decoded by the injected `validator_set_change`.
+  from H + 2, decoded by the injected `validator_set_change`; the authorities in force
+  change at once.
 
 * No endless empty blocks: a height with nothing pending waits in NEW_HEIGHT (after the
   `Timeouts.commit` pause) until a record arrives, a round-0 proposal or f+1 validators'
@@ -554,6 +560,8 @@ class ConsensusCore:
                 break
             records.append(record)
             size += len(record)
+            if self._decoder(record) is not None:
+                break  # a validator-set change ends its block
         return Block(
             self.config.chain_id, self._height, self._chain.prev_hash, self._key, tuple(records)
         )
@@ -614,6 +622,7 @@ class ConsensusCore:
             and len(block.records) <= self.config.max_block_records
             and sum(map(len, block.records)) <= self.config.max_block_bytes
             and len(set(block.records)) == len(block.records)
+            and all(self._decoder(r) is None for r in block.records[:-1])
             and all(
                 r in self._pending or (self._record_valid(r) and not self._record_committed(r))
                 for r in block.records
@@ -764,12 +773,12 @@ class ConsensusCore:
             # leaves, and the state persisted at the end of the step is the next height's.
             self._actions.append(Persist(self.wal_state()))
         self._actions.append(Commit(block, certificate))
-        validators = self._chain.validators
+        in_force = self._chain.authorities_in_force
         self._chain = self._chain.after(block, self._decoder)
         for record in block.records:
             self._pending.pop(record, None)
-        if self._chain.validators != validators:
-            # Pending records were checked against the validators then in force.
+        if self._chain.authorities_in_force != in_force:
+            # Pending records were checked against the authorities then in force.
             self._pending = {r: None for r in self._pending if self._record_valid(r)}
         self._reset_height()
         self._dirty = True

@@ -19,6 +19,8 @@ from pyrsia_node.ledger.records import (
     decode_record,
 )
 
+_GOVERNANCE_PREFIX = bytes((FORMAT_VERSION, KIND_GOVERNANCE))
+
 
 def governance_decoder(genesis: Genesis) -> ValidatorSetChangeDecoder:
     """The decoder the consensus core applies to every committed record."""
@@ -36,7 +38,7 @@ def governance_decoder(genesis: Genesis) -> ValidatorSetChangeDecoder:
 
 def governance_record(genesis: Genesis, record: bytes) -> GovernanceRecord | None:
     """The record as a governance record valid on this chain, or None."""
-    if len(record) < 2 or record[:2] != bytes((FORMAT_VERSION, KIND_GOVERNANCE)):
+    if not record.startswith(_GOVERNANCE_PREFIX):
         return None  # cheap exit for the common case: artifact records
     try:
         decoded = decode_record(record)

@@ -29,6 +29,11 @@ Records submitted to this node are gossiped to every other authority in one
 refuses a block repeating a record the log holds. With `registry`, the metrics of
 `pyrsia_node.consensus.metrics` are registered there.
 
+A record is judged by the authorities in force (`authorities_in_force`: the ledger's set
+at the log's size, which a governance change joins at the commit of its block), not by this
+height's voters: the mempool and the core ask `record_valid`, memoised per that set, and
+both check their pending records again when it changes.
+
 Nodes that are not validators (peers) run the same core as followers: they never sign,
 open no consensus streams and follow the chain with `GetBlocks(follow=True)` from one
 authority, accepting a block only with a commit certificate of a quorum of that height's
@@ -346,12 +351,14 @@ class ConsensusService:
         self._clock = clock
         self._wall_clock_ms = wall_clock_ms
         self._decoder = governance_decoder(genesis)
-        # Memoised per validator set (a record's attestations are checked against the
-        # validators in force): the mempool and the core both ask, and blocks ask again.
+        # Memoised per set of authorities in force (`authorities_in_force`: whose
+        # attestations count): the mempool and the core both ask, and blocks ask again.
         check = record_valid or _canonical_record
-        self._record_checks = lru_cache(maxsize=1 << 17)(lambda _validators, record: check(record))
-        self._genesis_validators = ValidatorSet.from_genesis(genesis).validators
-        self._checked_under = self._genesis_validators
+        self._record_checks = lru_cache(maxsize=1 << 17)(lambda _in_force, record: check(record))
+        # The authorities in force until the core exists: the genesis, then the replayed chain's.
+        self._replayed_in_force = ValidatorSet.from_genesis(genesis).validators
+        # The set the mempool's records were last checked against (see `_commit`).
+        self._checked_under = self._replayed_in_force
         self.mempool = Mempool(
             mempool_limits or MempoolLimits(), self._in_ledger, self._record_valid
         )
@@ -421,12 +428,17 @@ class ConsensusService:
         chain = self.core.chain
         return key in chain.validators or key in chain.next_validators
 
-    def authorities(self) -> list[tuple[str, bytes]]:
-        """(name, public key) of the validators in force now: who cosigns checkpoints."""
-        return [
-            (self._names.get(key, key.hex()[:16]), key)
-            for key in self.core.chain.validators.validators
-        ]
+    def authorities_in_force(self) -> tuple[bytes, ...]:
+        """The authorities whose attestations count for the next record appended to the
+        log: the ledger's authorities in force at its size (`ledger.authorities`), i.e. the
+        chain's `authorities_in_force` after the last committed block. A governance change
+        is in force from the commit of its block on, two heights before it votes; the set
+        depends only on the committed chain, so every node judges a record alike. The
+        record check (`record_valid`), its cache and the node's Acquire check use it."""
+        core = self._core
+        if core is None:
+            return self._replayed_in_force
+        return core.chain.authorities_in_force.validators
 
     def status(self) -> dict[str, object]:
         core = self.core
@@ -454,6 +466,7 @@ class ConsensusService:
             block, _ = self._blocks.get(height)
             chain = chain.after(block, self._decoder)
             self._learn_authorities(block)
+        self._replayed_in_force = chain.authorities_in_force.validators
         if self.ledger is not None:
             await asyncio.to_thread(self._catch_up_ledger)
         self._core = ConsensusCore(
@@ -792,10 +805,10 @@ class ConsensusService:
     async def _commit(self, block: Block, cert: CommitCertificate) -> None:
         await asyncio.to_thread(self._persist_commit, block, cert)
         self.mempool.committed(block.records)
-        validators = self.core.chain.validators.validators
-        if validators != self._checked_under:
-            # Pending records were checked against the validators then in force.
-            self._checked_under = validators
+        in_force = self.authorities_in_force()
+        if in_force != self._checked_under:
+            # Pending records were checked against the authorities then in force.
+            self._checked_under = in_force
             self.mempool.retain(self._record_valid)
         self._observe_commit(block)
         if self._on_commit is not None:
@@ -1037,9 +1050,9 @@ class ConsensusService:
         self.transport.set_authorities(addresses, stream=self.is_validator())
 
     def _record_valid(self, record: bytes) -> bool:
-        core = self._core
-        validators = self._genesis_validators if core is None else core.chain.validators.validators
-        result: bool = self._record_checks(validators, record)
+        # Keyed by the set the check itself reads (the node's `record_valid` asks
+        # `authorities_in_force` too), so a new set means a fresh check.
+        result: bool = self._record_checks(self.authorities_in_force(), record)
         return result
 
     def _record_committed(self, record: bytes) -> bool:

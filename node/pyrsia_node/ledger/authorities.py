@@ -1,5 +1,6 @@
 """The authorities in force at a tree size, replayed from the genesis and the log's
-governance records: who must cosign a checkpoint of that size.
+governance records: who must cosign a checkpoint of that size, and whose attestations
+count for the record appended at that index.
 
 Definition. The authorities *in force at size N* are the genesis authorities, in genesis
 order, changed by every governance record among the log's first N entries, in log order,
@@ -20,8 +21,19 @@ height H + 2 when the block is at height H. (A change committed at H takes part 
 *consensus votes* from H + 2, but it is *in* the log from size N on, so a checkpoint
 covering it is judged by the set that includes it.) Every authority the node has ever
 named cosigns, so removed authorities may add signatures: verifiers ignore them as unknown
-keys. An authority's note-signing name is the genesis name or, after an ADD carrying a
-gRPC address, that record's name (the node learns names the same way); an ADD without an
+keys.
+
+The same set judges records: an artifact record at entry index N counts only attestations
+of the authorities in force at size N, and needs the attestation threshold over their
+number. Consensus checks the records of the block after height H against the chain's
+``authorities_in_force`` after H (that is, ``next_validators``: the set at the log size
+that block starts at), and a governance record ends its block, so no record of a block
+follows a change in it: for every record that is the set at its own index. The Acquire
+check (whose build requests an authority serves) and a coordinator's threshold use the
+set at the log's size too.
+
+An authority's note-signing name is the genesis name or, after an ADD carrying a gRPC
+address, that record's name (the node learns names the same way); an ADD without an
 address keeps an earlier name, or takes the record's name when the key has none.
 
 Pure: no IO; the caller supplies the records (from a log or from a proof bundle).

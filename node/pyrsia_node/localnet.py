@@ -5,6 +5,11 @@ Each node runs as its own ``python -m pyrsia_node node`` process with its log in
 (Linux ``PR_SET_PDEATHSIG``), so even if the launcher is SIGKILLed no node outlives it;
 ``stop`` sends SIGTERM, waits, then SIGKILLs anything left. Tests use ``kill``/``restart``
 to inject crashes into a running network.
+
+Membership changes go through the running network as they do in a cluster: ``add_authority``
+prepares an authority outside the genesis (a fresh key and a certificate of the network
+CA), ``membership_record`` signs the governance record that adds or removes a node with the
+network's governance key, and ``submit_record`` hands it to an authority's admin API.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TextIO
 
-from pyrsia_node.genesis import LocalNode, Upstream, create_network
+import yaml
+
+from pyrsia_node import tls
+from pyrsia_node.genesis import Genesis, LocalNode, Upstream, create_network
+from pyrsia_node.identity import KEY_FILE, Identity
+from pyrsia_node.ledger.records import GovernanceAction, GovernanceRecord
 
 _PR_SET_PDEATHSIG = 1
 STATE_FILE = "network.json"
@@ -65,9 +75,8 @@ class LocalNetwork:
         self.processes: dict[str, subprocess.Popen[bytes]] = {}
         self._logs: dict[str, TextIO] = {}
 
-    def _prepare(self, fresh: bool) -> tuple[LocalNode, ...]:
-        state_path = self.root / STATE_FILE
-        wanted = {
+    def _shape_state(self) -> dict[str, Any]:
+        return {
             "authorities": self.shape.authorities,
             "peers": self.shape.peers,
             "base_port": self.shape.base_port,
@@ -75,6 +84,10 @@ class LocalNetwork:
             "upstreams": [[u.name, u.url, u.insecure] for u in self.shape.upstreams],
             "attestation_threshold": self.shape.attestation_threshold,
         }
+
+    def _prepare(self, fresh: bool) -> tuple[LocalNode, ...]:
+        state_path = self.root / STATE_FILE
+        wanted = self._shape_state()
         if state_path.exists() and not fresh:
             state = json.loads(state_path.read_text())
             if state.get("shape") != wanted:
@@ -98,8 +111,12 @@ class LocalNetwork:
             upstreams=self.shape.upstreams,
             attestation_threshold=self.shape.attestation_threshold,
         )
+        self._save_state(network.nodes)
+        return network.nodes
+
+    def _save_state(self, nodes: tuple[LocalNode, ...]) -> None:
         state = {
-            "shape": wanted,
+            "shape": self._shape_state(),
             "nodes": [
                 {
                     "name": n.name,
@@ -111,11 +128,95 @@ class LocalNetwork:
                     "metrics_port": n.metrics_port,
                     "host": n.host,
                 }
-                for n in network.nodes
+                for n in nodes
             ],
         }
-        state_path.write_text(json.dumps(state, indent=2) + "\n")
-        return network.nodes
+        (self.root / STATE_FILE).write_text(json.dumps(state, indent=2) + "\n")
+
+    def add_authority(self, name: str) -> LocalNode:
+        """Prepare one more authority, outside the genesis, and return it (not started):
+        a fresh key whose write-ahead state says it never signed, a certificate of the
+        network CA, and the first authority's settings with its own name, data dir and the
+        ports of the next node slot, bootstrapping from the genesis authorities. Started,
+        it follows the chain; it takes part once a governance ADD for its key commits
+        (``membership_record``, ``submit_record``)."""
+        # consensus pulls in grpc: import it here, so `pyrsia --help` stays fast
+        from pyrsia_node.consensus.service import initialize_state
+
+        if any(n.name == name for n in self.nodes):
+            raise LocalNetworkError(f"a node named {name!r} exists already")
+        port = self.shape.base_port + 10 * len(self.nodes)
+        if port + 2 > 65535:
+            raise LocalNetworkError(f"no ports left above {self.shape.base_port} for {name}")
+        host = self.shape.host
+        data_dir = self.root / name
+        Identity.generate().save(data_dir / KEY_FILE)
+        initialize_state(data_dir / "consensus")
+        ca_dir = self.root / "ca"
+        ca = tls.KeyPair((ca_dir / "ca.key").read_bytes(), (ca_dir / "ca.crt").read_bytes())
+        tls.save_key_pair(data_dir / "keys", tls.issue_node_certificate(ca, name, (host,)))
+        node = LocalNode(
+            name, "authority", data_dir, data_dir / "node.yaml", port, port + 1, port + 2, host
+        )
+        template = next(n for n in self.nodes if n.role == "authority")
+        settings = yaml.safe_load(template.config_file.read_text())
+        settings.update(
+            data_dir=str(data_dir),
+            name=name,
+            http_port=node.http_port,
+            grpc_port=node.grpc_port,
+            metrics_port=node.metrics_port,
+            bootstrap=[a.grpc_address for a in self._genesis().authorities],
+        )
+        node.config_file.write_text(yaml.safe_dump(settings, sort_keys=False))
+        self.nodes = (*self.nodes, node)
+        self._save_state(self.nodes)
+        return node
+
+    def membership_record(self, action: GovernanceAction, name: str) -> bytes:
+        """A governance record, signed with the network's governance key, that adds node
+        ``name`` (with its addresses, so the authorities learn where to reach it) or removes
+        it. Its sequence is the time in milliseconds, so every change is a new record."""
+        node = self.node(name)
+        key = Identity.from_pem((node.data_dir / KEY_FILE).read_bytes()).public_key
+        governance = Identity.from_pem((self.root / "governance.key").read_bytes())
+        chain_id = self._genesis().chain_id
+        sequence = time.time_ns() // 1_000_000
+        if action is GovernanceAction.ADD:
+            record = GovernanceRecord.create(
+                governance,
+                chain_id,
+                sequence,
+                action,
+                name,
+                key,
+                node.grpc_address,
+                f"{node.host}:{node.http_port}",
+                f"{node.host}:{node.metrics_port}",
+            )
+        else:
+            record = GovernanceRecord.create(governance, chain_id, sequence, action, name, key)
+        return record.encode()
+
+    def submit_record(self, name: str, record: bytes) -> dict[str, Any]:
+        """Offer ``record`` to node ``name``'s admin API (``POST /api/v1/records``); its
+        answer. A refusal raises ``LocalNetworkError`` with the node's reason."""
+        request = urllib.request.Request(
+            f"{self.node(name).http_url}/api/v1/records",
+            data=record,
+            headers={"Content-Type": "application/octet-stream"},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=5.0) as response:
+                answer: dict[str, Any] = json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            raise LocalNetworkError(
+                f"{name} refused the record ({exc.code}): {exc.read().decode(errors='replace')}"
+            ) from None
+        return answer
+
+    def _genesis(self) -> Genesis:
+        return Genesis.load(self.root / "genesis.json")
 
     def node(self, name: str) -> LocalNode:
         for node in self.nodes:

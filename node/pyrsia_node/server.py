@@ -69,9 +69,14 @@ class Node:
         self.genesis = Genesis.load(config.genesis_path)
         self.identity = identity.load_or_create(config.data_dir)
         if config.role == "authority" and self.genesis.authority(self.identity.node_id) is None:
-            raise GenesisError(
-                f"this node's key ({self.identity.node_id[:16]}) is not an authority in the "
-                f"genesis {config.genesis_path}; run it with role 'peer' or use an authority key"
+            # An authority added after genesis starts this way: it follows the chain and
+            # takes part once a committed governance ADD names its key (signed by the
+            # governance key, so a role setting alone never makes a node an authority).
+            log.warning(
+                "this node's key (%s) is not an authority in the genesis %s: it follows the "
+                "chain and takes part once a governance ADD record for it commits",
+                self.identity.node_id[:16],
+                config.genesis_path,
             )
         self.store = BlobStore(config.data_dir / "blobs")
         self.ledger = TransparencyLog(config.data_dir / "ledger")

@@ -315,6 +315,16 @@ def test_an_authority_added_and_one_removed_while_the_network_runs(
         )
         early = network.blocks("authority-0")[: added_at + 1]
         assert not any(s.validator == newcomer for _, c in early for s in c.signatures)
+
+        # The other nodes' peer tables accept its authority role now (refused before the ADD).
+        def listed_as_authority() -> bool:
+            status = fetch_json(f"{network.net.node('authority-0').http_url}/api/v1/status")
+            return any(
+                p["name"] == NEWCOMER and p["role"] == "authority"
+                for p in status["connected_peers"]
+            )
+
+        wait_until(listed_as_authority, 30, lambda: f"{NEWCOMER} not an authority peer")
         assert feeder.accepted > 0
     everyone = (*GENESIS_AUTHORITIES, NEWCOMER)
     settle(network, everyone, 30)

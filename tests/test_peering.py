@@ -92,3 +92,22 @@ def test_relayed_info_is_known_but_not_connected(genesis: Genesis) -> None:
     table.known(info)
     assert table.connected() == []
     assert table.all() == [info]
+
+
+def test_authority_claim_follows_the_authorities_in_force(tmp_path: Path) -> None:
+    """An authority added by governance is accepted once the node's ledger has it in force;
+    a genesis authority removed by governance no longer is."""
+    network = create_network(tmp_path, authorities=1, peers=0)
+    genesis = network.genesis
+    founder = Identity.from_pem((network.nodes[0].data_dir / "keys" / "node.key").read_bytes())
+    added = Identity.generate()
+    in_force = {added.node_id}
+    verify_node_info(
+        info_for(added, genesis, "authority"), genesis, NOW_MS, True, in_force.__contains__
+    )
+    with pytest.raises(InvalidNodeInfo, match="authority role"):
+        verify_node_info(
+            info_for(founder, genesis, "authority"), genesis, NOW_MS, True, in_force.__contains__
+        )
+    with pytest.raises(InvalidNodeInfo, match="authority role"):
+        verify_node_info(info_for(added, genesis, "authority"), genesis, NOW_MS, True)

@@ -3,7 +3,10 @@
 Invariants:
 - A NodeInfo is accepted only when its node id is the SHA-256 of its public key, its
   Ed25519 signature over ``node_info_signing_bytes`` verifies, its chain id is ours, and a
-  node claiming the authority role holds a key listed as an authority in the genesis.
+  node claiming the authority role holds the key of an authority in force (the genesis
+  authorities changed by committed governance records, as the node's ledger knows them;
+  without a ledger, the genesis list). A node behind on the chain may refuse a just-added
+  authority until it catches up; nothing is lost, the next exchange retries.
   Anything else is dropped and logged with the reason; it never enters the peer table.
 - A peer counts as connected while it answered a Ping or Exchange within ``stale_after``.
 - Signing bytes are domain-separated and length-prefixed, never the protobuf encoding.
@@ -63,9 +66,16 @@ def sign_node_info(info: peer_pb2.NodeInfo, identity: Identity) -> peer_pb2.Node
 
 
 def verify_node_info(
-    info: peer_pb2.NodeInfo, genesis: Genesis, now_ms: int, check_freshness: bool
+    info: peer_pb2.NodeInfo,
+    genesis: Genesis,
+    now_ms: int,
+    check_freshness: bool,
+    is_authority: Callable[[str], bool] | None = None,
 ) -> None:
-    """Raise ``InvalidNodeInfo`` unless ``info`` passes every check in the module invariants."""
+    """Raise ``InvalidNodeInfo`` unless ``info`` passes every check in the module invariants.
+
+    ``is_authority(node_id)`` says whether a key is an authority in force; by default, whether
+    the genesis lists it."""
     if len(info.public_key) != 32 or node_id_for(info.public_key) != info.node_id:
         raise InvalidNodeInfo(f"node id {info.node_id[:16]} does not match its public key")
     if info.chain_id != genesis.chain_id:
@@ -74,7 +84,8 @@ def verify_node_info(
         raise InvalidNodeInfo(f"bad signature on node info of {info.node_id[:16]}")
     if info.role not in {"authority", "peer"}:
         raise InvalidNodeInfo(f"unknown role {info.role!r}")
-    if info.role == "authority" and genesis.authority(info.node_id) is None:
+    in_force = is_authority or (lambda node_id: genesis.authority(node_id) is not None)
+    if info.role == "authority" and not in_force(info.node_id):
         raise InvalidNodeInfo(f"{info.node_id[:16]} claims the authority role without the key")
     if check_freshness and abs(now_ms - info.timestamp_ms) > MAX_CLOCK_SKEW_MS:
         raise InvalidNodeInfo(f"node info of {info.node_id[:16]} is stale or from the future")
@@ -161,9 +172,11 @@ class Peering:
         channel_factory: ChannelFactory,
         interval: float = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        is_authority: Callable[[str], bool] | None = None,
     ) -> None:
         self.identity = identity
         self.genesis = genesis
+        self.is_authority = is_authority
         self.self_info = self_info
         self._seeds = tuple(seeds)
         self._channel_factory = channel_factory
@@ -172,7 +185,9 @@ class Peering:
         self._channels: dict[str, grpc.aio.Channel] = {}
 
     def accept(self, info: peer_pb2.NodeInfo, check_freshness: bool) -> None:
-        verify_node_info(info, self.genesis, int(time.time() * 1000), check_freshness)
+        verify_node_info(
+            info, self.genesis, int(time.time() * 1000), check_freshness, self.is_authority
+        )
         self.table.seen(info)
 
     def _channel(self, address: str) -> grpc.aio.Channel:
@@ -190,7 +205,7 @@ class Peering:
         self.accept(reply.self, check_freshness=True)
         for info in reply.known:
             try:
-                verify_node_info(info, self.genesis, 0, check_freshness=False)
+                verify_node_info(info, self.genesis, 0, False, self.is_authority)
             except InvalidNodeInfo as exc:
                 log.warning("dropped relayed node info from %s: %s", address, exc)
                 continue

@@ -93,6 +93,7 @@ class Node:
             config.bootstrap,
             self.channel,
             interval=1.0,
+            is_authority=lambda node_id: node_id in self._authorities_in_force(),
         )
         self.catalog = LedgerCatalog(self.ledger)
         # The node-id -> key map of the authorities it was built for (see

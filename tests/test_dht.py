@@ -196,6 +196,22 @@ def test_signed_provider_record_verifies_and_binds_address() -> None:
     assert entry.expires_ms == now + 60_000
 
 
+def test_provider_claiming_the_authority_role_needs_a_key_in_force() -> None:
+    """An authority added by governance provides as an authority once it is in force; before
+    (and for a key never added) its provider records are refused."""
+    added = Identity.generate()
+    now = int(time.time() * 1000)
+    info = signed_info(added)
+    info.role = "authority"
+    record = sign_provider_record(
+        added, CHAIN, "sha256:" + "a" * 64, sign_node_info(info, added), now, 60
+    )
+    with pytest.raises(InvalidProviderRecord, match="authority role"):
+        verify_provider_record(record, genesis(), now)
+    entry = verify_provider_record(record, genesis(), now, {added.node_id}.__contains__)
+    assert entry.provider.role == "authority"
+
+
 def test_record_announcing_someone_else_is_rejected() -> None:
     victim, liar = Identity.generate(), Identity.generate()
     now = int(time.time() * 1000)

@@ -296,12 +296,16 @@ def sign_provider_record(
 
 
 def verify_provider_record(
-    record: dht_pb2.ProviderRecord, genesis: Genesis, now_ms: int
+    record: dht_pb2.ProviderRecord,
+    genesis: Genesis,
+    now_ms: int,
+    is_authority: Callable[[str], bool] | None = None,
 ) -> ProviderEntry:
-    """The record as a stored entry, or ``InvalidProviderRecord`` naming the failed check."""
+    """The record as a stored entry, or ``InvalidProviderRecord`` naming the failed check.
+    ``is_authority``: as in ``peering.verify_node_info`` (default: the genesis list)."""
     try:
         check_digest(record.digest)
-        verify_node_info(record.provider, genesis, now_ms, check_freshness=False)
+        verify_node_info(record.provider, genesis, now_ms, False, is_authority)
     except (InvalidNodeInfo, ValueError) as exc:
         raise InvalidProviderRecord(f"provider record for {record.digest[:20]}: {exc}") from exc
     info = record.provider
@@ -385,9 +389,11 @@ class Dht:
         republish_interval: float = 180.0,
         rpc_timeout: float = 2.0,
         wall_ms: Callable[[], int] = _wall_ms,
+        is_authority: Callable[[str], bool] | None = None,
     ) -> None:
         self.identity = identity
         self.genesis = genesis
+        self.is_authority = is_authority
         self.self_info = self_info
         self.seeds = tuple(seeds)
         self.k = k
@@ -421,7 +427,9 @@ class Dht:
         if info.node_id == self.identity.node_id:
             return None
         try:
-            verify_node_info(info, self.genesis, self._wall_ms(), check_freshness)
+            verify_node_info(
+                info, self.genesis, self._wall_ms(), check_freshness, self.is_authority
+            )
         except InvalidNodeInfo as exc:
             log.warning("dht dropped contact: %s", exc)
             return None
@@ -533,7 +541,11 @@ class Dht:
                 if record.digest != digest:
                     continue
                 try:
-                    entries.append(verify_provider_record(record, self.genesis, self._wall_ms()))
+                    entries.append(
+                        verify_provider_record(
+                            record, self.genesis, self._wall_ms(), self.is_authority
+                        )
+                    )
                 except InvalidProviderRecord as exc:
                     log.warning(
                         "dht dropped provider record from %s: %s", contact.node_id[:16], exc
@@ -642,7 +654,9 @@ class DhtServicer(dht_pb2_grpc.DhtServicer):
     ) -> dht_pb2.AddProviderResponse:
         self._dht.learn(request.sender, check_freshness=True)
         try:
-            entry = verify_provider_record(request.record, self._dht.genesis, self._dht.now_ms())
+            entry = verify_provider_record(
+                request.record, self._dht.genesis, self._dht.now_ms(), self._dht.is_authority
+            )
         except InvalidProviderRecord as exc:
             log.warning("rejected provider record from %s: %s", context.peer(), exc)
             await context.abort(grpc.StatusCode.PERMISSION_DENIED, str(exc))

@@ -86,6 +86,7 @@ class Distribution:
             self._channel,
             ttl_seconds=provider_ttl_seconds,
             republish_interval=republish_interval,
+            is_authority=lambda node_id: node_id in node._authorities_in_force(),
         )
         self.penalties = Penalties()
         # The downloader stores through ``followed``, so the registry can stream a blob to
@@ -174,10 +175,12 @@ class Distribution:
         return [by_id[node_id] for node_id in order]
 
     def _authorities(self) -> list[Provider]:
+        """The authorities in force (genesis changed by committed governance), at the
+        addresses their genesis entry or ADD record gives; those without one are skipped."""
         return [
             Provider(a.node_id, a.grpc_address, a.metrics_address, "authority")
-            for a in self.node.genesis.authorities
-            if a.node_id != self.node.identity.node_id
+            for a in self.node._current_authorities()
+            if a.node_id != self.node.identity.node_id and a.grpc_address
         ]
 
     async def _fetch(self, digest: str) -> None:

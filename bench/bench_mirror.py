@@ -16,9 +16,19 @@
    the upstream. Medians of ``--cold-repeat`` rounds, each
    on a fresh network. One authority's bare acquisition time is reported for reference.
 
+``--clients curl,skopeo`` adds the same comparisons made by one real client on both sides:
+``skopeo copy docker://... oci:DIR`` (ping, manifest, config and layer, each verified and
+written to an OCI layout) pulls directly from the upstream and through a peer of its own
+fresh network, interleaved with the curl rounds; with the cached part, skopeo also copies
+the 1 GiB image from docker-registry and from our registry.
+
+``--keep-logs DIR`` keeps every node's log of every cold round (``DIR/<client>-<round>/``)
+and prints each round's figures and the coordinator's build line (phase times since the
+build request) to stderr, to find out why a round was slow.
+
 Run from the repository root:
     .venv/bin/python bench/bench_mirror.py [--blob-mib 1024] [--repeat 3] [--cold-mib 200]
-        [--cold-repeat 3]
+        [--cold-repeat 3] [--clients curl,skopeo] [--keep-logs DIR]
 Results are printed as a Markdown table with the command (for bench/RESULTS.md).
 """
 
@@ -29,6 +39,7 @@ import asyncio
 import hashlib
 import json
 import os
+import resource
 import shutil
 import socket
 import statistics
@@ -38,6 +49,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
@@ -55,6 +67,7 @@ OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
 OCI_LAYER = "application/vnd.oci.image.layer.v1.tar"
 BIG = "bench/big"  # the cached-serving image
 COLD = "bench/cold"  # the pull-through image
+CPU_PARTS = ("authorities", "peer-0", "upstream", "client", "all")
 
 
 class _SkipCached(Exception):
@@ -103,19 +116,94 @@ def free_port_block(size: int) -> int:
     raise SystemExit("no block of free loopback ports")
 
 
-def cold_through_network(root: Path, upstream: str, layer: str) -> tuple[float, float]:
-    """(manifest seconds, layer seconds) of a cold pull through a peer of a fresh network."""
-    shape = Shape(4, 2, free_port_block(60), "127.0.0.1", (Upstream("docker.io", upstream),))
+def cpu_seconds(processes: dict[str, psutil.Process]) -> dict[str, float]:
+    """User + system CPU seconds so far of each process (its threads included)."""
+    times = {}
+    for name, process in processes.items():
+        cpu = process.cpu_times()
+        times[name] = cpu.user + cpu.system
+    return times
+
+
+def cpu_parts(before: dict[str, float], after: dict[str, float], client: float) -> dict[str, float]:
+    """CPU seconds between two ``cpu_seconds`` snapshots, by party (``CPU_PARTS``)."""
+    spent = {name: after[name] - before[name] for name in after}
+    return {
+        "authorities": sum(t for name, t in spent.items() if name.startswith("authority")),
+        "peer-0": spent["peer-0"],
+        "upstream": spent["upstream"],
+        "client": client,
+        "all": sum(spent.values()) + client,
+    }
+
+
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+@dataclass(frozen=True, slots=True)
+class ColdRound:
+    """One cold pull through a fresh network: wall seconds (with curl the manifest and the
+    layer request apart; with skopeo the whole copy in ``manifest``) and the CPU seconds
+    each party spent from the first request to the last byte."""
+
+    manifest: float
+    layer: float
+    cpu: dict[str, float]
+    layer_cpu: dict[str, float]  # of the layer request alone (curl only)
+
+    @property
+    def total(self) -> float:
+        return self.manifest + self.layer
+
+
+def cold_through_network(
+    root: Path, upstream: psutil.Process, base: str, layer: str, client: str, keep: Path | None
+) -> ColdRound:
+    """A cold pull through a peer of a fresh network. ``keep``: copy the node logs there."""
+    shape = Shape(4, 2, free_port_block(60), "127.0.0.1", (Upstream("docker.io", base),))
     network = LocalNetwork(root, shape, fresh=True)
     network.start()
     try:
         network.wait_connected(timeout=60)
         peer = network.node("peer-0").http_url
-        manifest = curl_seconds(f"{peer}/v2/{COLD}/manifests/1.0")
-        blob = curl_seconds(f"{peer}/v2/{COLD}/blobs/{layer}")
+        watched = {name: psutil.Process(p.pid) for name, p in network.processes.items()}
+        watched["upstream"] = upstream
+        cpu_before, client_before = cpu_seconds(watched), children_cpu()
+        if client == "skopeo":
+            manifest, blob = skopeo_seconds(peer, COLD, root.parent / "skopeo-out"), 0.0
+            cpu_middle, client_middle = cpu_before, client_before
+        else:
+            manifest = curl_seconds(f"{peer}/v2/{COLD}/manifests/1.0")
+            cpu_middle, client_middle = cpu_seconds(watched), children_cpu()
+            blob = curl_seconds(f"{peer}/v2/{COLD}/blobs/{layer}")
+        cpu_after, client_after = cpu_seconds(watched), children_cpu()
+        result = ColdRound(
+            manifest,
+            blob,
+            cpu_parts(cpu_before, cpu_after, client_after - client_before),
+            cpu_parts(cpu_middle, cpu_after, client_after - client_middle),
+        )
     finally:
         network.stop()
-    return manifest, blob
+        if keep is not None:
+            keep.mkdir(parents=True, exist_ok=True)
+            for node in network.nodes:
+                log = node.data_dir / "node.log"
+                if log.exists():
+                    shutil.copyfile(log, keep / f"{node.name}.log")
+    return result
+
+
+def build_lines(logs: Path) -> list[str]:
+    """The coordinator's one-line build summaries (phase times) in a kept round."""
+    return [
+        line.strip()
+        for log in sorted(logs.glob("*.log"))
+        for line in log.read_text(errors="replace").splitlines()
+        if "build " in line and " of docker.io/" in line and " in " in line
+    ]
 
 
 def write_random(path: Path, size: int) -> str:
@@ -207,6 +295,29 @@ def curl_seconds(url: str) -> float:
     return float(result.stdout)
 
 
+def skopeo_seconds(base: str, name: str, out: Path) -> float:
+    """Wall seconds of ``skopeo copy docker://<base>/<name>:1.0 oci:<out>`` (plain HTTP);
+    the layout is removed afterwards."""
+    shutil.rmtree(out, ignore_errors=True)
+    host = base.removeprefix("http://")
+    start = time.perf_counter()
+    result = subprocess.run(
+        [
+            *("skopeo", "copy", "--quiet", "--src-tls-verify=false"),
+            *(f"docker://{host}/{name}:1.0", f"oci:{out}:1.0"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    seconds = time.perf_counter() - start
+    shutil.rmtree(out, ignore_errors=True)
+    if result.returncode != 0:
+        raise SystemExit(f"skopeo copy from {base} failed: {result.stderr.strip()}")
+    return seconds
+
+
 def serve_node(store_root: str, image_json: str, port: str) -> None:
     """Child process: our registry over a store and one committed image."""
     from aiohttp import web
@@ -253,9 +364,20 @@ def main() -> None:
     parser.add_argument(
         "--skip-cached", action="store_true", help="only the cold pull-through (for iterating)"
     )
+    parser.add_argument(
+        "--clients",
+        default="curl",
+        help="comma-separated clients compared on both sides: curl (always), skopeo",
+    )
+    parser.add_argument(
+        "--keep-logs", type=Path, help="keep every cold round's node logs under this directory"
+    )
     args = parser.parse_args()
+    clients = list(dict.fromkeys(["curl", *args.clients.split(",")]))
+    if set(clients) - {"curl", "skopeo"}:
+        raise SystemExit(f"--clients {args.clients!r}: only curl and skopeo are known")
     load_before = os.getloadavg()[0]
-    for tool in ("docker-registry", "curl"):
+    for tool in ("docker-registry", *clients):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} is not installed; apt-get install it first")
     with tempfile.TemporaryDirectory(prefix="bench-mirror-") as tmp:
@@ -290,17 +412,37 @@ def main() -> None:
                     )
                 return acquisition.image, time.perf_counter() - start
 
-            directs, manifests, layers = [], [], []
-            for _ in range(args.cold_repeat):
-                directs.append(
-                    curl_seconds(f"{base}/v2/{COLD}/manifests/1.0")
-                    + curl_seconds(f"{base}/v2/{COLD}/blobs/{cold_layer_digest}")
-                )
-                manifest_s, layer_s = cold_through_network(
-                    work / "network", base, cold_layer_digest
-                )
-                manifests.append(manifest_s)
-                layers.append(layer_s)
+            directs: dict[str, list[float]] = {c: [] for c in clients}
+            colds: dict[str, list[ColdRound]] = {c: [] for c in clients}
+            upstream_process = psutil.Process(upstream.pid)
+            for round_no in range(args.cold_repeat):
+                for client in clients:
+                    if client == "skopeo":
+                        direct = skopeo_seconds(base, COLD, work / "skopeo-out")
+                    else:
+                        direct = curl_seconds(f"{base}/v2/{COLD}/manifests/1.0") + curl_seconds(
+                            f"{base}/v2/{COLD}/blobs/{cold_layer_digest}"
+                        )
+                    keep = args.keep_logs / f"{client}-{round_no}" if args.keep_logs else None
+                    cold = cold_through_network(
+                        work / "network", upstream_process, base, cold_layer_digest, client, keep
+                    )
+                    directs[client].append(direct)
+                    colds[client].append(cold)
+                    print(
+                        f"round {round_no} {client}: direct {direct:.3f} s, through "
+                        f"{cold.total:.3f} s ({cold.manifest:.3f} + {cold.layer:.3f}); CPU s "
+                        + ", ".join(f"{k} {v:.2f}" for k, v in cold.cpu.items())
+                        + (
+                            "; layer alone: "
+                            + ", ".join(f"{k} {v:.2f}" for k, v in cold.layer_cpu.items())
+                            if client == "curl"
+                            else ""
+                        ),
+                        file=sys.stderr,
+                    )
+                    for line in build_lines(keep) if keep else ():
+                        print(f"  {line}", file=sys.stderr)
             _, acquire_seconds = asyncio.run(acquire(COLD, work / "bare"))
             if args.skip_cached:
                 raise _SkipCached
@@ -324,9 +466,14 @@ def main() -> None:
             curl_seconds(f"{node_base}/v2/{BIG}/blobs/{layer}")
 
             ours, theirs = [], []
+            skopeo_ours: list[float] = []
+            skopeo_theirs: list[float] = []
             for _ in range(args.repeat):
                 theirs.append(curl_seconds(f"{base}/v2/{BIG}/blobs/{layer}"))
                 ours.append(curl_seconds(f"{node_base}/v2/{BIG}/blobs/{layer}"))
+                if "skopeo" in clients:
+                    skopeo_theirs.append(skopeo_seconds(base, BIG, work / "skopeo-out"))
+                    skopeo_ours.append(skopeo_seconds(node_base, BIG, work / "skopeo-out"))
             rss_growth = (node_proc.memory_info().rss - rss_before) / (1 << 20)
         except _SkipCached:
             pass
@@ -336,13 +483,11 @@ def main() -> None:
             stop(upstream)
 
     mib, cold_mib = args.blob_mib, args.cold_mib
-    totals = [m + b for m, b in zip(manifests, layers, strict=True)]
-    cold_ratio = statistics.median(totals) / statistics.median(directs)
-    middle = totals.index(statistics.median_low(totals))
     command = (
         f".venv/bin/python bench/bench_mirror.py --blob-mib {mib} --repeat {args.repeat} "
         f"--cold-mib {cold_mib} --cold-repeat {args.cold_repeat}"
         + (" --skip-cached" if args.skip_cached else "")
+        + (f" --clients {','.join(clients)}" if clients != ["curl"] else "")
     )
     rows = []
     if not args.skip_cached:
@@ -361,35 +506,78 @@ def main() -> None:
                 "**cached serving speed vs docker-registry** (goal >= 1.0x)",
                 f"**{cached_ratio:.2f}x**",
             ),
+        ]
+        if skopeo_ours:
+            s_ours, s_theirs = statistics.median(skopeo_ours), statistics.median(skopeo_theirs)
+            rows.append(
+                (
+                    f"cached {mib} MiB image with skopeo copy to an OCI layout: docker-registry "
+                    f"/ pyrsia registry (median of {args.repeat})",
+                    f"{s_theirs:.3f} s / {s_ours:.3f} s: **{s_theirs / s_ours:.2f}x**",
+                )
+            )
+        rows.append(
             (
                 f"node RSS growth while serving {args.repeat + 1} downloads",
                 f"{rss_growth:.1f} MiB (limit 32 MiB)",
-            ),
-        ]
-    rows += [
-        (
-            f"direct cold pull of manifest + {cold_mib} MiB layer from upstream "
+            )
+        )
+    for client in clients:
+        totals = [c.total for c in colds[client]]
+        cpu_med = {k: statistics.median(c.cpu[k] for c in colds[client]) for k in CPU_PARTS}
+        cpu_row = (
+            f"{client}: CPU seconds of one cold pull-through, first request to last byte "
             f"(median of {args.cold_repeat})",
-            f"{statistics.median(directs):.3f} s",
-        ),
-        (
-            f"cold pull through a peer of a fresh 4+2 network (median of {args.cold_repeat}): "
-            "manifest (build: 4 acquisitions, decision at 3, commit, peer indexes) + layer "
-            "(peer streams it while it downloads it from authorities)",
-            f"{statistics.median(totals):.3f} s ({manifests[middle]:.3f} s + "
-            f"{layers[middle]:.3f} s); rounds: " + ", ".join(f"{t:.2f}" for t in totals),
-        ),
+            ", ".join(f"{k} {v:.2f}" for k, v in cpu_med.items()),
+        )
+        direct_med = statistics.median(directs[client])
+        cold_ratio = statistics.median(totals) / direct_med
+        rounds = "rounds: " + ", ".join(f"{t:.2f}" for t in totals)
+        if client == "curl":
+            middle = totals.index(statistics.median_low(totals))
+            rows += [
+                (
+                    f"curl: direct cold pull of manifest + {cold_mib} MiB layer from upstream "
+                    f"(median of {args.cold_repeat})",
+                    f"{direct_med:.3f} s",
+                ),
+                (
+                    f"curl: cold pull through a peer of a fresh 4+2 network (median of "
+                    f"{args.cold_repeat}): manifest (build: 4 acquisitions, decision at 3, "
+                    "commit, peer indexes) + layer (peer streams it while it downloads it "
+                    "from authorities)",
+                    f"{statistics.median(totals):.3f} s ({colds[client][middle].manifest:.3f} s "
+                    f"+ {colds[client][middle].layer:.3f} s); {rounds}",
+                ),
+                cpu_row,
+                (
+                    "**curl: cold pull-through vs direct** (goal <= 1.5x; upstream → "
+                    "authorities → consensus → peer → client)",
+                    f"**{cold_ratio:.2f}x**",
+                ),
+            ]
+        else:
+            rows += [
+                (
+                    f"skopeo copy to an OCI layout: direct from upstream / through a peer of "
+                    f"a fresh 4+2 network (median of {args.cold_repeat})",
+                    f"{direct_med:.3f} s / {statistics.median(totals):.3f} s; direct "
+                    + ", ".join(f"{t:.2f}" for t in directs[client])
+                    + f"; through {', '.join(f'{t:.2f}' for t in totals)}",
+                ),
+                cpu_row,
+                (
+                    "**skopeo: cold pull-through vs direct** (goal <= 1.5x)",
+                    f"**{cold_ratio:.2f}x**",
+                ),
+            ]
+    rows.append(
         (
             "for reference: one authority's bare acquisition (fetch, verify, store, sign) of "
             "the same image, alone",
             f"{acquire_seconds:.3f} s",
-        ),
-        (
-            "**cold pull-through vs direct** (goal <= 1.5x; upstream → authorities → "
-            "consensus → peer → client)",
-            f"**{cold_ratio:.2f}x**",
-        ),
-    ]
+        )
+    )
     lines = [
         f"Command: `{command}` ({os.cpu_count()} CPUs, loopback, "
         f"1-min load average at start: {load_before:.1f})",

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+from aiohttp import web
 from oci_fixtures import (
     BIG_LAYER_BYTES,
     DOCKER_LIST,
@@ -19,6 +20,7 @@ from oci_fixtures import (
     UpstreamProxy,
     UpstreamRegistry,
     big_image,
+    free_port,
     proxy_factory,
     seeded_images,
     start_proxy,
@@ -317,3 +319,53 @@ async def test_upstream_egress_is_counted_byte_for_byte(
         client, store, seeded_images.multilayer.repository, "1.0", Identity.generate()
     )
     assert sum(counted) == sum(a.size for a in acquisition.image.artifacts)
+
+
+@pytest.fixture
+async def chunked_upstream(upstream_registry: UpstreamRegistry) -> AsyncIterator[str]:
+    """The upstream re-served with chunked transfer encoding, every body in 1,000-byte HTTP
+    chunks (as registries behind some CDNs answer)."""
+
+    async def relay(request: web.Request) -> web.StreamResponse:
+        headers = {k: v for k, v in request.headers.items() if k.lower() == "accept"}
+        url = upstream_registry.url + request.path_qs
+        async with relay_session.get(url, headers=headers) as got:
+            body = await got.read()
+            response = web.StreamResponse(
+                status=got.status,
+                headers={
+                    k: v
+                    for k, v in got.headers.items()
+                    if k.lower() in ("content-type", "docker-content-digest")
+                },
+            )
+        response.enable_chunked_encoding()
+        await response.prepare(request)
+        for start in range(0, len(body), 1000):
+            await response.write(body[start : start + 1000])
+        await response.write_eof()
+        return response
+
+    app = web.Application()
+    app.router.add_get("/{path:.*}", relay)
+    runner = web.AppRunner(app)
+    async with aiohttp.ClientSession() as relay_session:
+        await runner.setup()
+        port = free_port()
+        await web.TCPSite(runner, "127.0.0.1", port).start()
+        try:
+            yield f"http://127.0.0.1:{port}"
+        finally:
+            await runner.cleanup()
+
+
+async def test_bodies_in_chunked_transfer_encoding_are_acquired_whole(
+    chunked_upstream: str,
+    seeded_images: SeededImages,
+    session: aiohttp.ClientSession,
+    store: BlobStore,
+) -> None:
+    client, _ = client_for(chunked_upstream, session)
+    seeded = seeded_images.multilayer
+    acquisition = await acquire_image(client, store, seeded.repository, "1.0", Identity.generate())
+    assert_acquired_exactly(store, seeded, acquisition.image.digests)

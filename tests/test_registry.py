@@ -558,6 +558,7 @@ class Download:
         self.digest = digest
         self.chunks = chunks
         self.released = asyncio.Semaphore(0)
+        self.stored = asyncio.Event()  # set once the store holds the blob
 
     async def fetch(self, digest: str) -> None:
         assert digest == self.digest
@@ -569,6 +570,7 @@ class Download:
 
         size = sum(len(c) for c in self.chunks)
         await self.store.put_stream(digest, gated(), max_size=size)
+        self.stored.set()
 
     def release_all(self) -> None:
         for _ in self.chunks:
@@ -651,6 +653,9 @@ async def test_a_cold_blob_streams_to_the_client_while_it_downloads(
                 rest = await response.content.read()
             response.release()
         assert first + rest == streaming.data
+        # The body ends once the digest matched; the store's fsync and rename may follow.
+        async with asyncio.timeout(10):
+            await download.stored.wait()
         assert streaming.store.has(streaming.digest)
     finally:
         await runner.cleanup()

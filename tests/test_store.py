@@ -59,6 +59,44 @@ async def test_size_limit_discards_the_blob(tmp_path: Path) -> None:
     assert visible_blobs(tmp_path) == []
 
 
+async def test_a_stream_of_small_pieces_past_several_writeback_steps_round_trips(
+    tmp_path: Path,
+) -> None:
+    """Pieces of odd sizes (as an HTTP body arrives), batched per thread hop and written
+    back to disk while the stream runs, give exactly the bytes that were sent."""
+    store = BlobStore(tmp_path)
+    data = os.urandom(20 * 1024 * 1024 + 12_345)
+    digest = sha256_digest(data)
+    assert await store.put_stream(digest, chunks_of(data, 65_537)) == len(data)
+    assert await store.read(digest) == data
+    assert list((tmp_path / "tmp").iterdir()) == []
+
+
+async def test_verified_is_called_once_the_digest_matched_before_the_blob_is_visible(
+    tmp_path: Path,
+) -> None:
+    store = BlobStore(tmp_path)
+    data = os.urandom(300_000)
+    digest = sha256_digest(data)
+    visible_when_verified: list[bool] = []
+    await store.put_stream(
+        digest, chunks_of(data), verified=lambda: visible_when_verified.append(store.has(digest))
+    )
+    assert visible_when_verified == [False]
+    assert store.has(digest)
+
+
+async def test_verified_is_never_called_for_bytes_that_fail_the_digest(tmp_path: Path) -> None:
+    store = BlobStore(tmp_path)
+    calls: list[None] = []
+    with pytest.raises(DigestMismatch):
+        await store.put_stream(
+            sha256_digest(b"expected"), chunks_of(b"other"), verified=lambda: calls.append(None)
+        )
+    assert calls == []
+    assert visible_blobs(tmp_path) == []
+
+
 @pytest.mark.parametrize(
     "digest", ["sha256:../../etc/passwd", "sha256:ABC", "md5:" + "0" * 32, "sha256:" + "g" * 64]
 )

@@ -7,12 +7,14 @@ the download from the authorities is still running (``follow_blob``).
 
 Invariants:
 - A feed's bytes are *unverified* until ``BlobFeed.verified`` returns: it returns only
-  after the store accepted the whole blob (its SHA-256 matched the digest) and raises
-  otherwise. The registry holds the last chunk back until then, so a client never gets a
-  complete body of bytes whose digest failed; the download is stored and announced only
-  after verification, as without a feed.
+  after the whole blob's SHA-256 matched the digest and raises otherwise. The registry
+  holds the last chunk back until then, so a client never gets a complete body of bytes
+  whose digest failed; the download is stored and announced only after verification, as
+  without a feed. A reader that has every byte is not kept waiting for the store's fsync
+  and rename (the store makes the blob durable after the digest matched).
 - Memory is bounded: a reader more than ``limit`` bytes behind the download is detached
-  (the download never waits for a client) and reads the rest from the store once verified.
+  (the download never waits for a client) and reads the rest from the store: for it,
+  ``verified`` returns only once the store holds the blob.
 - A feed follows one download; one registered after that download began storing is never
   fed and reports so (``BlobFeed.size`` stays unresolved until the fetch ends).
 """
@@ -43,6 +45,9 @@ class BlobFeed:
         loop = asyncio.get_running_loop()
         self.size: asyncio.Future[int] = loop.create_future()
         self._verified: asyncio.Future[None] = loop.create_future()
+        self._stored: asyncio.Future[None] = loop.create_future()
+        for outcome in (self._verified, self._stored):
+            outcome.add_done_callback(_consume)  # a reader that left never awaits them
         self._queue: asyncio.Queue[Chunk | None] = asyncio.Queue()
         self._buffered = 0
         self.detached = False
@@ -61,16 +66,27 @@ class BlobFeed:
         if not self.size.done():
             self.size.set_result(size)
 
+    def verify(self) -> None:
+        """The whole blob was fed and its digest matched (it is not stored yet)."""
+        if not self._verified.done():
+            if not self.detached:
+                self._queue.put_nowait(None)
+            self._verified.set_result(None)
+
     def end(self, error: BaseException | None) -> None:
         """The download stored the blob (``error`` None) or failed with ``error``."""
-        if not self.detached:
-            self._queue.put_nowait(None)
-        if self._verified.done():
-            return
-        if error is None:
-            self._verified.set_result(None)
-        else:
-            self._verified.set_exception(error)
+        if not self._verified.done():
+            if not self.detached:
+                self._queue.put_nowait(None)
+            if error is None:
+                self._verified.set_result(None)
+            else:
+                self._verified.set_exception(error)
+        if not self._stored.done():
+            if error is None:
+                self._stored.set_result(None)
+            else:
+                self._stored.set_exception(error)
         if not self.size.done():
             self.size.cancel()
 
@@ -84,8 +100,11 @@ class BlobFeed:
             raise FeedDetached(self.digest)
 
     async def verified(self) -> None:
-        """Return once the store accepted the whole blob; raise what the download raised."""
+        """Return once the whole blob's digest matched, and for a detached reader (it reads
+        the rest from the store) once the store holds it; raise what the download raised."""
         await asyncio.shield(self._verified)
+        if self.detached:
+            await asyncio.shield(self._stored)
 
 
 class FollowedStore(BlobStore):
@@ -106,12 +125,17 @@ class FollowedStore(BlobStore):
             self._feeds.pop(feed.digest, None)
 
     async def put_stream(
-        self, digest: str, chunks: AsyncIterable[Chunk], max_size: int | None = None
+        self,
+        digest: str,
+        chunks: AsyncIterable[Chunk],
+        max_size: int | None = None,
+        *,
+        verified: Callable[[], None] | None = None,
     ) -> int:
         # A feed follows one download: a repeated attempt (after a digest failure) is not fed.
         feeds = self._feeds.pop(digest, [])
         if not feeds:
-            return await super().put_stream(digest, chunks, max_size)
+            return await super().put_stream(digest, chunks, max_size, verified=verified)
         for feed in feeds:
             if max_size is not None:
                 feed.start(max_size)
@@ -122,8 +146,14 @@ class FollowedStore(BlobStore):
                     feed.feed(chunk)
                 yield chunk
 
+        def verify() -> None:
+            for feed in feeds:
+                feed.verify()
+            if verified is not None:
+                verified()
+
         try:
-            size = await super().put_stream(digest, tee(), max_size)
+            size = await super().put_stream(digest, tee(), max_size, verified=verify)
         except BaseException as exc:
             for feed in feeds:
                 feed.end(exc)

@@ -13,22 +13,44 @@ Invariants:
 - A digest is ``sha256:`` followed by 64 lowercase hex characters; nothing else is accepted,
   so a digest can never name a path outside the store.
 
-Hashing and fsync run in a worker thread so the event loop is never blocked.
+Hashing and fsync run in a worker thread so the event loop is never blocked. While a
+stream is written, the kernel is asked to start writing each few megabytes back to disk
+(``sync_file_range`` on Linux), so the fsync at the end waits for the last few megabytes
+instead of the whole blob (200 MiB took 0.1-0.3 s here, four authorities at once).
 """
 
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import hashlib
+import mmap
 import os
 import re
+import sys
 import tempfile
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, Callable
 from pathlib import Path
 from typing import BinaryIO
 
 _DIGEST = re.compile(r"^sha256:[0-9a-f]{64}$")
 _CHUNK = 1 << 20
+_WRITEBACK_EVERY = 8 << 20
+_SYNC_FILE_RANGE_WRITE = 2  # linux/fs.h: start writeback of the range's dirty pages, no wait
+
+
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    function = getattr(ctypes.CDLL(None, use_errno=True), "sync_file_range", None)
+    if function is not None:
+        function.argtypes = (ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint)
+        function.restype = ctypes.c_int
+    return function
+
+
+# Only a hint to the kernel: without it (other systems) the fsync simply does all the work.
+_start_writeback = _sync_file_range()
 
 
 class StoreError(Exception):
@@ -80,6 +102,7 @@ class _TempBlob:
         self._max_size = max_size
         self._hash = hashlib.sha256()
         self.size = 0
+        self._written_back = 0  # bytes before this offset are being or were written back
         fd, name = tempfile.mkstemp(dir=store.root / "tmp", prefix=f"{os.getpid()}.")
         self._file = os.fdopen(fd, "wb")
         self._path = Path(name)
@@ -90,11 +113,31 @@ class _TempBlob:
             raise BlobTooLarge(self._digest, self._max_size)
         self._hash.update(data)
         self._file.write(data)
+        if _start_writeback is not None and self.size - self._written_back >= _WRITEBACK_EVERY:
+            # Whole pages only: a page under writeback that the next write changes again
+            # could make that write wait for the disk.
+            end = self.size - self.size % mmap.PAGESIZE
+            self._file.flush()
+            _start_writeback(
+                self._file.fileno(),
+                self._written_back,
+                end - self._written_back,
+                _SYNC_FILE_RANGE_WRITE,
+            )
+            self._written_back = end
 
-    def commit(self) -> None:
+    def write_all(self, pieces: list[bytes | memoryview]) -> None:
+        for piece in pieces:
+            self.write(piece)
+
+    def verify(self) -> None:
+        """Raise ``DigestMismatch`` unless the bytes written so far hash to the digest."""
         actual = "sha256:" + self._hash.hexdigest()
         if actual != self._digest:
             raise DigestMismatch(self._digest, actual)
+
+    def commit(self) -> None:
+        self.verify()
         self._file.flush()
         os.fsync(self._file.fileno())
         self._file.close()
@@ -172,13 +215,37 @@ class BlobStore:
         await asyncio.to_thread(self.write_sync, digest, (data,))
 
     async def put_stream(
-        self, digest: str, chunks: AsyncIterable[bytes | memoryview], max_size: int | None = None
+        self,
+        digest: str,
+        chunks: AsyncIterable[bytes | memoryview],
+        max_size: int | None = None,
+        *,
+        verified: Callable[[], None] | None = None,
     ) -> int:
-        """Ingest a stream; returns its size. Nothing is visible unless the digest matches."""
+        """Ingest a stream; returns its size. Nothing is visible unless the digest matches.
+
+        ``verified`` is called (on the event loop) as soon as the whole stream hashed to
+        ``digest``, before the blob is made durable and visible: whoever relayed the bytes
+        may vouch for them from then on, but reading the blob from the store must wait
+        until ``put_stream`` returns.
+        """
         temp = await asyncio.to_thread(_TempBlob, self, check_digest(digest), max_size)
         try:
+            # Small pieces (an HTTP body arrives in up to 256 KiB reads) go to the worker
+            # thread in batches of about a chunk: one thread hop per megabyte.
+            batch: list[bytes | memoryview] = []
+            batched = 0
             async for chunk in chunks:
-                await asyncio.to_thread(temp.write, chunk)
+                batch.append(chunk)
+                batched += len(chunk)
+                if batched >= _CHUNK:
+                    await asyncio.to_thread(temp.write_all, batch)
+                    batch, batched = [], 0
+            if batch:
+                await asyncio.to_thread(temp.write_all, batch)
+            if verified is not None:
+                temp.verify()  # finishing a SHA-256 is one block: cheap on the loop
+                verified()
             await asyncio.to_thread(temp.commit)
         except BaseException:
             await asyncio.to_thread(temp.discard)

@@ -36,7 +36,6 @@ from pyrsia_node.genesis import Upstream
 
 _RETRY_STATUS = frozenset({408, 429, 500, 502, 503, 504})
 _CHALLENGE_PARAM = re.compile(r'(\w+)="([^"]*)"')
-_CHUNK = 1 << 20
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -159,7 +158,7 @@ class UpstreamClient:
                     f"({url}); the upstream image is incomplete"
                 )
             _expect_ok(response, url, await _snippet(response))
-            yield self._counted(response.content.iter_chunked(_CHUNK))
+            yield self._counted(_pieces(response.content))
 
     def _count(self, chunk: bytes) -> None:
         if self._on_bytes is not None:
@@ -250,6 +249,17 @@ class UpstreamClient:
         if not isinstance(token, str) or not token:
             raise UpstreamAuthError(f"token service {realm} sent no token for scope {scope!r}")
         self._tokens[repository or ""] = token
+
+
+async def _pieces(content: aiohttp.StreamReader) -> AsyncIterator[bytes]:
+    """The body as the connection delivered it, without joining reads into larger chunks
+    (a join copies every byte once more; the store batches small pieces itself)."""
+    while True:
+        piece, end_of_http_chunk = await content.readchunk()
+        if piece:
+            yield piece
+        elif not end_of_http_chunk:
+            return  # an empty piece ends the body, except at a chunked encoding's boundary
 
 
 def _expect_ok(response: aiohttp.ClientResponse, url: str, body: str) -> None:

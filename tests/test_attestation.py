@@ -28,6 +28,7 @@ from pyrsia_node.attestation import (
     decide,
     pae,
     parse_statement,
+    unanimous,
     verify,
 )
 from pyrsia_node.identity import Identity
@@ -267,3 +268,34 @@ def test_a_parsed_statement_is_reused_and_a_malformed_one_fails_every_time() -> 
     for _ in range(2):
         with pytest.raises(MalformedStatement):
             parse_statement(broken)
+
+
+def test_a_statement_is_read_as_json_reads_its_bytes() -> None:
+    # parse_statement decodes UTF-8 itself when json.detect_encoding would choose UTF-8.
+    key = Identity.generate()
+    attestation, envelope = attest(image(), "https://registry-1.docker.io", NOW, key)
+    text = envelope.payload.decode()
+    for encoded in (text.encode("utf-16"), text.encode("utf-8-sig"), text.encode("utf-32")):
+        assert parse_statement(encoded) == attestation
+
+
+_POOL_KEYS = [Identity.generate() for _ in range(3)]
+_OUTSIDER = Identity.generate()
+_POOL = [
+    *(attest(image(b"a"), "u", NOW, key)[1] for key in _POOL_KEYS),
+    *(attest(image(b"b"), "u", NOW, key)[1] for key in _POOL_KEYS),
+    attest(image(b"a"), "v", NOW + dt.timedelta(seconds=1), _POOL_KEYS[0])[1],
+    attest(image(b"a"), "u", NOW, _OUTSIDER)[1],
+    dataclasses.replace(attest(image(b"a"), "u", NOW, _POOL_KEYS[1])[1], signature=bytes(64)),
+]
+
+
+@given(st.lists(st.sampled_from(range(len(_POOL))), max_size=6), st.integers(1, 4))
+def test_unanimous_commits_exactly_what_decide_commits_without_dissent(
+    picks: list[int], threshold: int
+) -> None:
+    envelopes = [_POOL[i] for i in picks]
+    decision = decide(envelopes, validators(_POOL_KEYS), threshold)
+    clean = not (decision.rejected or decision.mismatches or decision.equivocations)
+    expected = decision.committed if clean else None
+    assert unanimous(envelopes, validators(_POOL_KEYS), threshold) == expected

@@ -138,6 +138,22 @@ def test_search_by_package_id_returns_latest_first(log: TransparencyLog) -> None
     assert log.find_package("docker.io/library/none:1") == []
 
 
+def test_records_appended_as_checked_are_indexed_like_any_other(tmp_path: Path) -> None:
+    governance = GovernanceRecord.create(
+        Identity.generate(), "c", 1, GovernanceAction.REMOVE, "authority-3", bytes(32)
+    ).encode()
+    batch = [record(i) for i in range(20)] + [governance]
+    with TransparencyLog(tmp_path / "checked") as checked:
+        checked.append(batch, checked=True)
+        checked.verify_integrity()
+        with TransparencyLog(tmp_path / "plain") as plain:
+            plain.append(batch)
+            assert checked.root() == plain.root()
+            for package in ("docker.io/library/pkg3:latest", "docker.io/library/pkg5:v5"):
+                assert checked.find_package(package) == plain.find_package(package)
+            assert checked.governance_indexes() == plain.governance_indexes() == [20]
+
+
 def test_governance_records_are_logged_but_not_indexed_as_packages(log: TransparencyLog) -> None:
     governance = Identity.generate()
     change = GovernanceRecord.create(

@@ -24,6 +24,7 @@ from pyrsia_node.ledger.records import (
     decode_record,
     docker_package_id,
     maven_package_id,
+    package_id_of,
 )
 
 
@@ -226,6 +227,7 @@ def test_any_valid_record_round_trips(
     data = record.encode()
     assert decode_record(data) == record
     assert decode_record(data).encode() == data
+    assert package_id_of(data) == package_id
 
 
 @settings(max_examples=300, deadline=None)
@@ -282,6 +284,7 @@ def assert_check_agrees_with_decode(data: bytes) -> None:
         return
     expected = record.package_id if isinstance(record, ArtifactRecord) else None
     assert check_record(data) == expected
+    assert package_id_of(data) == expected  # the header read of checked records
 
 
 DIGEST = f"sha256:{1:064x}"

@@ -285,7 +285,12 @@ def parse_statement(payload: bytes) -> Attestation:
 @functools.lru_cache(maxsize=STATEMENT_CACHE_SIZE)
 def _parse_statement(payload: bytes) -> Attestation:
     try:
-        doc = json.loads(payload)
+        if payload[:1] == b"{" and payload[1:2] != b"\0":
+            # What json.loads does with bytes that start so (json.detect_encoding finds no
+            # BOM and no NUL byte: UTF-8), without that Python-level detection per call.
+            doc = json.loads(payload.decode("utf-8", "surrogatepass"))
+        else:
+            doc = json.loads(payload)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise MalformedStatement(f"statement is not JSON: {exc}") from exc
     if not isinstance(doc, dict):
@@ -429,6 +434,31 @@ class Decision:
         lines += [f"attestation by {k} rejected: {why}" for k, why in sorted(self.rejected.items())]
         lines += [f"authority {a} attested different images" for a in self.equivocations]
         return "; ".join(lines)
+
+
+def unanimous(
+    envelopes: Iterable[Envelope], validators: Mapping[str, bytes], threshold: int
+) -> AcquiredImage | None:
+    """The image when every envelope verifies, all attest that one image and at least
+    ``threshold`` authorities signed them: exactly when ``decide`` commits an image with no
+    mismatch, rejection or equivocation. None otherwise (``decide`` then says why).
+
+    The record check's common case, without building a ``Decision`` and its report."""
+    if threshold < 1:
+        raise ValueError(f"threshold {threshold}: at least one attestation is required")
+    image: AcquiredImage | None = None
+    authorities: set[str] = set()
+    for envelope in envelopes:
+        try:
+            attestation = verify(envelope, validators)
+        except AttestationError:
+            return None
+        if image is None:
+            image = attestation.image
+        elif attestation.image != image:
+            return None
+        authorities.add(attestation.authority)
+    return image if len(authorities) >= threshold else None
 
 
 def decide(

@@ -63,6 +63,7 @@ from pyrsia_node.attestation import (
     Decision,
     Envelope,
     decide,
+    unanimous,
 )
 from pyrsia_node.consensus.mempool import RecordRejected
 from pyrsia_node.genesis import Authority, Genesis, Upstream, quorum
@@ -283,10 +284,11 @@ def check_artifact_record(
             )
         ((keyid, signature),) = dsse.signatures
         envelopes.append(Envelope(dsse.payload_type, dsse.payload, keyid, signature))
-    decision = decide(envelopes, validators, threshold)
-    image = decision.committed
-    if image is None or decision.rejected or decision.mismatches or decision.equivocations:
-        raise InvalidArtifactRecord(f"{record.package_id}: {decision.report()}")
+    image = unanimous(envelopes, validators, threshold)
+    if image is None:
+        raise InvalidArtifactRecord(
+            f"{record.package_id}: {decide(envelopes, validators, threshold).report()}"
+        )
     if image.reference != record.package_id:
         raise InvalidArtifactRecord(
             f"{record.package_id}: the attestations are for {image.reference}"

@@ -840,7 +840,10 @@ class ConsensusService:
     def _persist_commit(self, block: Block, cert: CommitCertificate) -> None:
         self.blocks.append(block, cert)
         if self.ledger is not None and block.records:
-            self.ledger.append(block.records)
+            # The core commits only records `_record_valid` accepted here, and that check
+            # decodes each one (`record_valid` must refuse non-canonical records, as
+            # `build.record_validator` and `_canonical_record` do): no need to check again.
+            self.ledger.append(block.records, checked=True)
 
     def _catch_up_ledger(self) -> None:
         """Re-append records of stored blocks the ledger lost in a crash between the two."""

@@ -81,7 +81,13 @@ from types import TracebackType
 
 from pyrsia_node import merkle
 from pyrsia_node.ledger.checkpoint import Checkpoint, SignedNote
-from pyrsia_node.ledger.records import ArtifactRecord, GovernanceRecord, check_record, decode_record
+from pyrsia_node.ledger.records import (
+    ArtifactRecord,
+    GovernanceRecord,
+    check_record,
+    decode_record,
+    package_id_of,
+)
 
 DB_FILE = "log.sqlite3"
 LOCK_FILE = "log.lock"
@@ -563,14 +569,17 @@ class TransparencyLog:
             pending.packages.append((package_id, index))
             pending.by_package.setdefault(package_id, []).append(index)
 
-    def append(self, records: Sequence[bytes]) -> int:
+    def append(self, records: Sequence[bytes], *, checked: bool = False) -> int:
         """Append ``records`` as one atomic, durable batch; return the first one's index.
 
         Every record must be canonical (``records.check_record``, which accepts exactly
-        what ``decode_record`` does); nothing is written when one is not.
+        what ``decode_record`` does); nothing is written when one is not. With ``checked``
+        the caller vouches that it decoded every record already (consensus does, for each
+        record it commits), and the log only reads each one's package id from its header.
         """
         records = [bytes(r) for r in records]
-        package_ids = [check_record(r) for r in records]  # None: a governance record
+        # None: a governance record.
+        package_ids = [(package_id_of if checked else check_record)(r) for r in records]
         with self._mutex:
             first = self._size
             if not records:

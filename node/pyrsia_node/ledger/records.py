@@ -50,7 +50,7 @@ import json
 import re
 import struct
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from pyrsia_node.identity import Identity, verify_signature
@@ -640,13 +640,41 @@ def _scan_artifact(
     return package_type, package_id, artifacts, envelopes
 
 
+_T = TypeVar("_T")
+_set = object.__setattr__
+
+
+def _checked(cls: type[_T], names: tuple[str, ...], values: tuple[object, ...]) -> _T:
+    """An instance of the frozen dataclass ``cls`` built from ``values`` (its fields
+    ``names``, in order) that ``_scan_artifact`` has already checked: the object the
+    constructor would build, without running the same checks again in ``__post_init__``
+    (a fifth of a decode's time went to running them twice)."""
+    instance: _T = object.__new__(cls)
+    for name, value in zip(names, values, strict=True):
+        _set(instance, name, value)
+    return instance
+
+
+def _names(cls: type) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+_ARTIFACT_FIELDS, _ENVELOPE_FIELDS, _RECORD_FIELDS = map(
+    _names, (Artifact, DsseEnvelope, ArtifactRecord)
+)
+
+
 def _decode_artifact(r: _Reader) -> ArtifactRecord:
     package_type, package_id, artifacts, envelopes = _scan_artifact(r)
-    return ArtifactRecord(
-        package_type,
-        package_id,
-        tuple(Artifact(*a) for a in artifacts),
-        tuple(DsseEnvelope(*e) for e in envelopes),
+    return _checked(
+        ArtifactRecord,
+        _RECORD_FIELDS,
+        (
+            package_type,
+            package_id,
+            tuple(_checked(Artifact, _ARTIFACT_FIELDS, a) for a in artifacts),
+            tuple(_checked(DsseEnvelope, _ENVELOPE_FIELDS, e) for e in envelopes),
+        ),
     )
 
 
@@ -695,6 +723,17 @@ def check_record(data: bytes) -> str | None:
     _decode_governance(r)
     r.end()
     return None
+
+
+def package_id_of(data: bytes) -> str | None:
+    """An artifact record's package id, None for a governance record, read from the header
+    of bytes already known to be a canonical record (``decode_record`` or ``check_record``
+    accepted them); the log's append of records consensus has checked. It checks nothing
+    else: use ``check_record`` on bytes of unknown origin."""
+    if data[1] == KIND_GOVERNANCE:
+        return None
+    (length,) = _U16(data, 3)  # after version, kind and package type
+    return data[5 : 5 + length].decode()
 
 
 def decode_record(data: bytes) -> Record:

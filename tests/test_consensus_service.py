@@ -565,3 +565,14 @@ def test_the_mempool_forgets_records_refused_on_a_second_check() -> None:
     assert pool.get(leaf_hash(record(1))) is None
     assert pool.get(leaf_hash(record(2))) == record(2)
     assert len(pool) == 1 and pool.pending_bytes == len(record(2))
+
+
+def test_the_mempool_knows_and_forgets_records_by_their_bytes() -> None:
+    pool = Mempool(MempoolLimits(), lambda _: False, lambda _: True)
+    assert pool.admit(record(1)) and pool.admit(record(2))
+    copy = bytes(bytearray(record(1)))  # equal bytes, another object
+    assert copy in pool and b"other" not in pool
+    pool.committed([copy, b"never admitted"])
+    assert record(1) not in pool and pool.get(leaf_hash(record(1))) is None
+    assert record(2) in pool
+    assert len(pool) == 1 and pool.pending_bytes == len(record(2))

@@ -42,13 +42,17 @@ class Mempool:
         self._is_committed = is_committed
         self._is_valid = is_valid
         self._pending: dict[bytes, bytes] = {}  # leaf hash -> record
+        # record -> leaf hash, for the same records: membership and removal by the record
+        # itself, without hashing 1 KiB with SHA-256 again per lookup (Python caches a
+        # bytes object's own hash, and the core's pending dict computes it anyway).
+        self._hashes: dict[bytes, bytes] = {}
         self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._pending)
 
     def __contains__(self, record: bytes) -> bool:
-        return leaf_hash(record) in self._pending
+        return record in self._hashes
 
     def get(self, record_hash: bytes) -> bytes | None:
         """The pending record whose leaf hash is `record_hash`, if any."""
@@ -79,6 +83,7 @@ class Mempool:
         if self._bytes + size > self.limits.max_total_bytes:
             raise RecordRejected("mempool is full (bytes); retry later")
         self._pending[key] = record
+        self._hashes[record] = key
         self._bytes += size
         return True
 
@@ -87,9 +92,12 @@ class Mempool:
         for key, record in list(self._pending.items()):
             if not keep(record):
                 del self._pending[key]
+                del self._hashes[record]
                 self._bytes -= len(record)
 
     def committed(self, records: Iterable[bytes]) -> None:
         for record in records:
-            if self._pending.pop(leaf_hash(record), None) is not None:
+            key = self._hashes.pop(record, None)
+            if key is not None:
+                del self._pending[key]
                 self._bytes -= len(record)

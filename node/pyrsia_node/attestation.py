@@ -357,7 +357,7 @@ def _artifacts(where: str, items: list[Any]) -> tuple[Artifact, ...]:
 def verify(envelope: Envelope, validators: Mapping[str, bytes]) -> Attestation:
     """The attestation in ``envelope`` once its signature and contents check out.
 
-    ``validators`` maps node id to raw Ed25519 public key (the current authority set).
+    ``validators`` maps node id to raw Ed25519 public key (the authorities in force).
     """
     if envelope.payload_type != PAYLOAD_TYPE:
         raise UnsupportedPayloadType(
@@ -367,7 +367,7 @@ def verify(envelope: Envelope, validators: Mapping[str, bytes]) -> Attestation:
     if public_key is None:
         raise UnknownAuthority(
             f"keyid {envelope.keyid!r} is not an authority of this network; "
-            "only current validators may attest"
+            "only authorities in force may attest"
         )
     if not verify_signature(
         public_key, envelope.signature, pae(envelope.payload_type, envelope.payload)

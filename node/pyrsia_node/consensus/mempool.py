@@ -75,7 +75,10 @@ class Mempool:
         if key in self._pending:
             return False
         if not self._is_valid(record):
-            raise RecordRejected("record is not a canonical ledger record")
+            raise RecordRejected(
+                "record refused: not a canonical ledger record, or its attestations do not "
+                "reach the threshold among the authorities in force"
+            )
         if self._is_committed(key):
             raise RecordRejected("record is already in the ledger")
         if len(self._pending) >= self.limits.max_records:

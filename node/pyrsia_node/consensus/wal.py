@@ -8,8 +8,11 @@ core never signs a second, different message for a (height, round, type) and kee
 
 File format: a sequence of frames ``u32 length | u32 crc32 | payload`` where the payload is
 `WalState.encode()`. Only the last intact frame matters; a torn frame at the end (a crash
-in the middle of a write) is ignored. When the file grows past `compact_bytes` it is
-rewritten atomically (temp file, fsync, rename, fsync of the directory) with one frame.
+in the middle of a write) is cut off by `load`, so the states appended after a restart
+follow the last intact one (were they written after the torn bytes, the next `load` would
+stop at those and return a state older than messages the node signed since). When the
+file grows past `compact_bytes` it is rewritten atomically (temp file, fsync, rename,
+fsync of the directory) with one frame.
 
 This module does blocking IO: call it from a thread in asyncio code.
 """
@@ -167,7 +170,8 @@ class WriteAheadFile:
         self.compact_bytes = compact_bytes
 
     def load(self) -> WalState | None:
-        """The last intact state, or None when the file does not exist."""
+        """The last intact state, or None when the file does not exist; cuts off a torn
+        tail."""
         try:
             data = self.path.read_bytes()
         except FileNotFoundError:
@@ -191,9 +195,17 @@ class WriteAheadFile:
                 )
             return None
         try:
-            return WalState.decode(last)
+            state = WalState.decode(last)
         except (CanonicalDecodeError, ValueError) as exc:
             raise WalError(f"write-ahead file {self.path} is corrupt: {exc}") from exc
+        if pos != len(data):
+            try:
+                with open(self.path, "r+b") as handle:
+                    handle.truncate(pos)
+                    os.fsync(handle.fileno())
+            except OSError as exc:
+                raise WalError(f"cannot cut the torn tail of {self.path}: {exc.strerror}") from exc
+        return state
 
     def append(self, state: WalState) -> None:
         """Make `state` durable; returns only after fsync."""

@@ -33,12 +33,18 @@ class BlockStore:
     def __init__(self, path: Path) -> None:
         self.path = path
         self._chain: list[tuple[Block, CommitCertificate]] = []
+        self._records = 0
         self._load()
 
     @property
     def height(self) -> int:
         """The height of the last stored block (0 when empty)."""
         return len(self._chain)
+
+    @property
+    def records(self) -> int:
+        """How many records the stored blocks hold, all together."""
+        return self._records
 
     def get(self, height: int) -> tuple[Block, CommitCertificate]:
         if not 1 <= height <= len(self._chain):
@@ -68,6 +74,7 @@ class BlockStore:
         finally:
             os.close(fd)
         self._chain.append((block, cert))
+        self._records += len(block.records)
 
     def _load(self) -> None:
         try:
@@ -92,6 +99,7 @@ class BlockStore:
             if block.height != len(self._chain) + 1:
                 raise BlockStoreError(f"block file {self.path} skips to height {block.height}")
             self._chain.append((block, cert))
+            self._records += len(block.records)
             pos += _FRAME.size + size
         if pos != len(data):
             with open(self.path, "r+b") as handle:

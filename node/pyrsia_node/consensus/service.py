@@ -838,12 +838,29 @@ class ConsensusService:
                     metrics.commit_latency.observe(now - submitted)
 
     def _persist_commit(self, block: Block, cert: CommitCertificate) -> None:
+        held = 0 if self.ledger is None else self._records_held(self.blocks.records, block)
         self.blocks.append(block, cert)
-        if self.ledger is not None and block.records:
+        if self.ledger is not None and held < len(block.records):
             # The core commits only records `_record_valid` accepted here, and that check
             # decodes each one (`record_valid` must refuse non-canonical records, as
             # `build.record_validator` and `_canonical_record` do): no need to check again.
-            self.ledger.append(block.records, checked=True)
+            self.ledger.append(block.records[held:], checked=True)
+
+    def _records_held(self, start: int, block: Block) -> int:
+        """How many of `block`'s records, which belong at index `start` on, the log holds
+        already: it outlives the block store when only the consensus directory was lost,
+        and the blocks then come back by sync. Raises `LogError` unless they are these."""
+        ledger = self.ledger
+        assert ledger is not None
+        held = min(max(ledger.size - start, 0), len(block.records))
+        for offset in range(held):
+            if ledger.entry(start + offset) != block.records[offset]:
+                raise LogError(
+                    f"log entry {start + offset} is not the record block {block.height} "
+                    "committed there: the ledger directory is not this chain's; move it away "
+                    "and restart to rebuild it by block sync"
+                )
+        return held
 
     def _catch_up_ledger(self) -> None:
         """Re-append records of stored blocks the ledger lost in a crash between the two."""
@@ -1065,10 +1082,12 @@ class ConsensusService:
         if self.ledger is None:
             return False
         try:
-            self.ledger.index_of(record_hash)
+            index = self.ledger.index_of(record_hash)
         except LogError:
             return False
-        return True
+        # Entries beyond the stored blocks' records (see `_records_held`) are not committed
+        # as far as this node's chain has come yet.
+        return self._blocks is None or index < self._blocks.records
 
 
 def _complete(hashes: list[bytes], lookup: Callable[[bytes], bytes | None]) -> list[bytes] | None:

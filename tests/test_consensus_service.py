@@ -576,3 +576,33 @@ def test_the_mempool_knows_and_forgets_records_by_their_bytes() -> None:
     assert record(1) not in pool and pool.get(leaf_hash(record(1))) is None
     assert record(2) in pool
     assert len(pool) == 1 and pool.pending_bytes == len(record(2))
+
+
+async def test_stop_closes_the_transport_after_a_task_died_of_an_error(tmp_path: Path) -> None:
+    """A task that failed (e.g. the loop stopped by a log of another chain) is logged by
+    `stop`, which still cancels the rest and closes the transport."""
+    nodes = [await make_node(tmp_path, f"authority-{i}") for i in range(4)]
+    closed: list[bool] = []
+
+    class ClosingTransport(RecordingTransport):
+        async def close(self) -> None:
+            closed.append(True)
+
+    service = ConsensusService(
+        nodes[0].identity, make_genesis(nodes), tmp_path / "consensus", None, ClosingTransport()
+    )
+    await service.start()
+
+    async def fail() -> None:
+        raise RuntimeError("log is not this chain's")
+
+    failed = asyncio.create_task(fail(), name="failing")
+    await asyncio.sleep(0)
+    service._tasks.append(failed)
+    try:
+        await service.stop()
+        assert closed == [True]
+        assert all(task.done() for task in service._fetches)
+    finally:
+        for n in nodes:
+            await n.server.stop(None)

@@ -505,9 +505,12 @@ class ConsensusService:
         ]
         for task in tasks:
             task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # A task that died of an error (e.g. the consensus loop stopped by a log that is not
+        # this chain's) must not cut the shutdown short: log it, close the transport anyway.
+        results = await asyncio.gather(*tasks, return_exceptions=True)
+        for task, result in zip(tasks, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("consensus: task %s had failed: %r", task.get_name(), result)
         self._tasks.clear()
         await self.transport.close()
 

@@ -773,7 +773,15 @@ async def test_a_log_that_is_not_the_chains_stops_consensus_instead_of_growing(
             foreign.append([service_record(2)])
         service = await start(peer, genesis)
         await wait_for(lambda: not service.healthy)
-        assert service.height == 0, "nothing of a block is stored when its records are refused"
+        # Empty blocks may come before the one holding record 1; those store fine.
+        holding = next(
+            height
+            for height in range(1, live.blocks.height + 1)
+            if live.blocks.get(height)[0].records
+        )
+        assert service.height == holding - 1, (
+            "nothing of a block is stored when its records are refused"
+        )
         assert peer.ledger is not None and peer.ledger.size == 1
     finally:
         for node in authorities:

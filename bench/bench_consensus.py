@@ -25,7 +25,8 @@ in-toto statement and an Ed25519 signature, as authorities produce them.
 * CPU: the node processes' user + system CPU seconds from the first offer to the last
   commit, per committed record and authority (``cpu_ms_per_record_per_authority``), a
   figure that depends less on how busy the shared machine was than records per second;
-  ``node_system_cpu_seconds`` is the kernel's part of it.
+  ``node_system_cpu_seconds`` is the kernel's part of it; ``client_cpu_seconds`` is this
+  process's own CPU over the same span (it shares the machine with the nodes).
 
 Usage: .venv/bin/python bench/bench_consensus.py --authorities 4 --rate 3000 --seconds 10
 (add ``--profile DIR`` to sample every node with py-spy while records are offered).
@@ -39,6 +40,7 @@ import datetime as dt
 import json
 import os
 import random
+import resource
 import signal
 import socket
 import statistics
@@ -352,6 +354,7 @@ async def run_processes(
 
         pids = [net.processes[name].pid for name in names]
         cpu_before = [cpu_seconds(pid) for pid in pids]
+        client_before = resource.getrusage(resource.RUSAGE_SELF)
         profilers = [] if profile is None else start_profilers(net, profile)
         # Every `submit_every` seconds, the records due so far go to their nodes, one
         # SubmitRecords each.
@@ -374,6 +377,10 @@ async def run_processes(
         deadline = time.perf_counter() + 60
         while committed < total - len(rejected) and time.perf_counter() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+        client_after = resource.getrusage(resource.RUSAGE_SELF)
+        client_cpu = (client_after.ru_utime - client_before.ru_utime) + (
+            client_after.ru_stime - client_before.ru_stime
+        )
         user = system = 0.0
         for pid, (user_before, system_before) in zip(pids, cpu_before, strict=True):
             user_now, system_now = cpu_seconds(pid)
@@ -409,6 +416,7 @@ async def run_processes(
         "latency_p99_ms": 1000 * percentile(latencies, 0.99),
         "node_cpu_seconds": user + system,
         "node_system_cpu_seconds": system,
+        "client_cpu_seconds": client_cpu,
         "cpu_ms_per_record_per_authority": 1000 * (user + system) / authorities / max(committed, 1),
         "reference_log_append_per_second": reference,
         "ratio_to_reference": throughput / reference,

@@ -45,6 +45,8 @@ from pyrsia_node.ledger.records import (
     Artifact,
     ArtifactRecord,
     DsseEnvelope,
+    GovernanceAction,
+    GovernanceRecord,
     PackageType,
 )
 from pyrsia_node.merkle import leaf_hash
@@ -258,6 +260,32 @@ async def test_malformed_and_duplicate_records_are_refused(
         service.submit(b"not a record")
     assert service.submit(record(9))
     assert not service.submit(record(9))
+
+
+async def test_forged_governance_records_are_refused_with_the_reason(
+    network: tuple[list[Node], Node, Genesis],
+) -> None:
+    """A governance record not signed by the genesis governance key, or signed for another
+    chain, would change nothing once committed; it is refused instead of filling the log,
+    whether submitted here or gossiped (the mempool) or proposed (the same record check)."""
+    authorities, _, _ = network
+    service = authorities[0].service
+    assert service is not None
+    newcomer = Identity.generate().public_key
+    forged = GovernanceRecord.create(
+        Identity.generate(), CHAIN, 1, GovernanceAction.ADD, "authority-9", newcomer, "a:1", "a:2"
+    ).encode()
+    elsewhere = GovernanceRecord.create(
+        Identity.generate(), "another-chain", 1, GovernanceAction.REMOVE, "authority-0", newcomer
+    ).encode()
+    with pytest.raises(RecordRejected, match="not signed by this network's governance key"):
+        service.submit(forged)
+    with pytest.raises(RecordRejected, match="another-chain"):
+        service.submit(elsewhere)
+    for record in (forged, elsewhere):
+        with pytest.raises(RecordRejected, match="record refused"):
+            service.mempool.admit(record)
+    assert len(service.mempool) == 0
 
 
 async def test_stream_from_a_non_authority_is_refused(

@@ -6,7 +6,8 @@ and offers it to this node's mempool, which gossips it to every authority:
 * 202 ``{"record_hash": hex, "status": "admitted"}``: new, pending until a block commits it;
 * 200 ``{"record_hash": hex, "status": "already pending"}``: this node holds it already;
 * 400 ``{"error": reason}``: refused (not canonical, too large, already in the ledger, the
-  mempool is full), the reason saying what to do;
+  mempool is full, a governance record the network's governance key did not sign for this
+  chain), the reason saying what to do;
 * 409: this node is not an authority, so nothing would propose the record;
 * 503: consensus has not started yet; retry.
 

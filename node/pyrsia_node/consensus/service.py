@@ -83,7 +83,11 @@ from pyrsia_node.consensus.core import (
     VoteReceived,
 )
 from pyrsia_node.consensus.following import Following, FollowTiming, proves_commit
-from pyrsia_node.consensus.governance import governance_decoder, governance_record
+from pyrsia_node.consensus.governance import (
+    governance_decoder,
+    governance_record,
+    governance_refusal,
+)
 from pyrsia_node.consensus.mempool import Mempool, MempoolLimits, RecordRejected
 from pyrsia_node.consensus.messages import Block, CommitCertificate, Proposal
 from pyrsia_node.consensus.metrics import ConsensusMetrics
@@ -353,8 +357,13 @@ class ConsensusService:
         self._decoder = governance_decoder(genesis)
         # Memoised per set of authorities in force (`authorities_in_force`: whose
         # attestations count): the mempool and the core both ask, and blocks ask again.
+        # Governance records are judged here (`governance_refusal`), the rest by `check`.
         check = record_valid or _canonical_record
-        self._record_checks = lru_cache(maxsize=1 << 17)(lambda _in_force, record: check(record))
+
+        def valid(record: bytes) -> bool:
+            return governance_refusal(genesis, record) is None and check(record)
+
+        self._record_checks = lru_cache(maxsize=1 << 17)(lambda _in_force, record: valid(record))
         # The authorities in force until the core exists: the genesis, then the replayed chain's.
         self._replayed_in_force = ValidatorSet.from_genesis(genesis).validators
         # The set the mempool's records were last checked against (see `_commit`).
@@ -521,6 +530,9 @@ class ConsensusService:
 
         A new record is also sent to the other authorities, so whichever proposes next can
         include it: the records submitted within `GOSSIP_INTERVAL` go out together."""
+        refusal = governance_refusal(self.genesis, record)
+        if refusal is not None:  # the mempool's refusal would not say what is wrong
+            raise RecordRejected(f"record refused: {refusal}")
         if not self._admit(record):
             return False
         self._submitted_at[record] = self._clock()

@@ -16,6 +16,7 @@ wait is bounded; the fixture stops every process it started (by pid, `LocalNetwo
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import datetime as dt
 import itertools
@@ -34,6 +35,7 @@ from pyrsia.v1 import consensus_pb2_grpc as pb_grpc
 from pyrsia_node import tls
 from pyrsia_node.attestation import AcquiredImage, Artifact, attest
 from pyrsia_node.build import acquire_signing_bytes, artifact_record
+from pyrsia_node.cli import main as cli_main
 from pyrsia_node.consensus import Block, CommitCertificate
 from pyrsia_node.consensus.wire import committed_from_pb
 from pyrsia_node.genesis import Genesis
@@ -368,3 +370,51 @@ def test_an_authority_added_and_one_removed_while_the_network_runs(
         assert newcomer in signers and network.key("authority-3").public_key not in signers
     in_force = [(n, k) for n, k in with_newcomer if n != "authority-3"]
     wait_cosigned(network, "authority-0", in_force, NEWCOMER)
+
+
+def test_the_governance_cli_adds_and_removes_an_authority(
+    network: GovernedNetwork, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`pyrsia governance add/remove` signs the change with the governance key and submits
+    it; the node's refusal of a wrongly signed change reaches the user as the reason."""
+    network.net.add_authority(NEWCOMER)
+    network.net.start(NEWCOMER)
+    newcomer = network.net.node(NEWCOMER)
+    admin = network.net.node("authority-1").http_url
+    key_file = newcomer.data_dir / KEY_FILE
+    add = [
+        *("governance", "add", NEWCOMER, "--node-key", str(key_file)),
+        *("--grpc-address", newcomer.grpc_address),
+        *("--http-address", f"{newcomer.host}:{newcomer.http_port}"),
+        *("--metrics-address", f"{newcomer.host}:{newcomer.metrics_port}"),
+        "--node",
+        admin,
+    ]
+
+    def in_force() -> bool:
+        try:
+            network.acquire_as("authority-0", NEWCOMER)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.PERMISSION_DENIED
+            return False
+        return True
+
+    # Signed with another key (an authority's node key): the node refuses and says why.
+    wrong_key = network.net.node("authority-0").data_dir / KEY_FILE
+    assert cli_main([*add, "--governance-key", str(wrong_key)]) == 1
+    refusal = capsys.readouterr().err
+    assert refusal.startswith("pyrsia: node answered 400: ") and "governance" in refusal
+    assert not in_force()
+
+    governance_key = network.net.root / "governance.key"
+    assert cli_main([*add, "--governance-key", str(governance_key)]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"admitted: add {NEWCOMER} on {network.genesis.chain_id} "), out
+    wait_until(in_force, 30, lambda: f"the ADD of {NEWCOMER} not in force")
+
+    public_key = base64.b64encode(network.key(NEWCOMER).public_key).decode()
+    remove = ["governance", "remove", NEWCOMER, "--public-key", public_key]
+    remove += ["--governance-key", str(governance_key), "--node", admin]
+    assert cli_main(remove) == 0
+    assert capsys.readouterr().out.startswith(f"admitted: remove {NEWCOMER} ")
+    wait_until(lambda: not in_force(), 30, lambda: f"the REMOVE of {NEWCOMER} not in force")

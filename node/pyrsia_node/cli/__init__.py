@@ -13,6 +13,7 @@ from pyrsia_node import __version__
 from pyrsia_node.cli import (
     build_cmd,
     genesis_cmd,
+    governance_cmd,
     log_cmd,
     node_cmd,
     operator_cmd,
@@ -25,7 +26,16 @@ from pyrsia_node.genesis import GenesisError
 from pyrsia_node.identity import IdentityError
 from pyrsia_node.tls import TlsError
 
-SUBCOMMANDS = (node_cmd, genesis_cmd, up_cmd, status_cmd, build_cmd, log_cmd, operator_cmd)
+SUBCOMMANDS = (
+    node_cmd,
+    genesis_cmd,
+    up_cmd,
+    status_cmd,
+    build_cmd,
+    governance_cmd,
+    log_cmd,
+    operator_cmd,
+)
 USER_ERRORS = (CliError, ConfigError, GenesisError, IdentityError, TlsError)
 
 

@@ -12,16 +12,21 @@ from pyrsia_node.cli.errors import CliError
 DEFAULT_NODE = "http://127.0.0.1:17800"
 
 
-def call(url: str, body: dict[str, Any] | None = None) -> Any:
-    """GET ``url`` (or POST ``body`` as JSON) and return the decoded JSON answer.
+def call(url: str, body: dict[str, Any] | None = None, *, raw: bytes | None = None) -> Any:
+    """GET ``url`` (or POST ``body`` as JSON, or ``raw`` bytes as
+    ``application/octet-stream``) and return the decoded JSON answer.
 
     An error status becomes a ``CliError`` carrying the node's own ``error`` message; an
     unreachable node becomes one that says how to point the CLI at another.
     """
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json"} if data else {}
-    )
+    headers = {}
+    data = raw
+    if raw is not None:
+        headers["Content-Type"] = "application/octet-stream"
+    elif body is not None:
+        data = json.dumps(body).encode()
+        headers["Content-Type"] = "application/json"
+    request = urllib.request.Request(url, data=data, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return json.load(response)

@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from pyrsia_node.localnet import fetch_json
 from test_consensus_faults import (
     AUTHORITIES,
@@ -84,6 +86,22 @@ def network(tmp_path: Path) -> Iterator[FollowNetwork]:
         running.stop()
 
 
+def source_switches(network: FollowNetwork, reason: str) -> float:
+    """The peer's `pyrsia_consensus_follow_source_switches_total{reason=...}`."""
+    node = network.net.node(PEER)
+    url = f"http://{node.host}:{node.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        text = response.read().decode()
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if (
+                sample.name == "pyrsia_consensus_follow_source_switches_total"
+                and sample.labels.get("reason") == reason
+            ):
+                return sample.value
+    return 0.0
+
+
 def followed_source(network: FollowNetwork) -> str:
     """The peer's source once the peer follows the chain (height 2 or more)."""
     wait_until(
@@ -132,6 +150,7 @@ def test_a_peer_leaves_a_source_cut_off_from_the_other_authorities(
         assert_peer_catches_up_without(network, source)
         stalled = network.height(source)
         assert network.height(PEER) > stalled, f"{source} should lag: it is at {stalled}"
+        assert source_switches(network, "lag") >= 1
     network.proxy.heal()
     assert_one_chain(network, (*AUTHORITIES, PEER))
 

@@ -63,6 +63,14 @@ class ConsensusMetrics:
             "Records in the blocks this node committed",
             registry=registry,
         )
+        self.source_switches = Counter(
+            "pyrsia_consensus_follow_source_switches_total",
+            "Times this follower moved to another authority to stream blocks from: "
+            "lag (another authority proved heights its source had not sent) or "
+            "stream_end (its source's stream ended)",
+            ["reason"],
+            registry=registry,
+        )
         self.equivocations = Counter(
             "pyrsia_consensus_equivocations_total",
             "Conflicting, validly signed messages seen from one validator key for one slot",

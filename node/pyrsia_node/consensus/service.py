@@ -994,9 +994,12 @@ class ConsensusService:
                     stream.result()  # errors it does not expect end the follower
                     stream = None
                     await asyncio.sleep(RECONNECT_SECONDS)
+                    ended = self._following.source
                     self._following = self._following.after_stream_end(
                         self._voters(), self._clock()
                     )
+                    if self._following.source != ended:
+                        self.metrics.source_switches.labels("stream_end").inc()
                     continue
                 await self._probe_authorities()
                 moved = self._following.next_source(self._voters(), self._clock())
@@ -1012,6 +1015,7 @@ class ConsensusService:
                         await stream
                     stream = None
                     self._following = moved
+                    self.metrics.source_switches.labels("lag").inc()
         finally:
             if stream is not None:
                 stream.cancel()

@@ -308,6 +308,7 @@ async def run_processes(
     names = [f"authority-{i}" for i in range(authorities)]
     offered: dict[bytes, tuple[float, int]] = {}
     latencies: list[float] = []
+    intervals: list[float] = []  # between consecutive blocks seen on authority-0's stream
     committed = 0
     blocks = 0
     last_commit = 0.0
@@ -332,6 +333,8 @@ async def run_processes(
                 if node == 0:
                     committed += len(item.block.records)
                     blocks += 1
+                    if last_commit:
+                        intervals.append(now - last_commit)
                     last_commit = now
                 for record in item.block.records:
                     entry = offered.get(record)
@@ -414,6 +417,9 @@ async def run_processes(
         "records_per_second": throughput,
         "latency_p50_ms": 1000 * percentile(latencies, 0.5),
         "latency_p99_ms": 1000 * percentile(latencies, 0.99),
+        "latency_max_ms": 1000 * latencies[-1] if latencies else float("nan"),
+        "block_interval_p50_ms": 1000 * percentile(sorted(intervals), 0.5),
+        "block_interval_max_ms": 1000 * max(intervals, default=float("nan")),
         "node_cpu_seconds": user + system,
         "node_system_cpu_seconds": system,
         "client_cpu_seconds": client_cpu,

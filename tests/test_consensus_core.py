@@ -57,8 +57,9 @@ OUTSIDER = KEYS[4]
 PERSISTED: dict[int, set[bytes]] = {}
 
 
-# The algorithm tests start round 0 at once; the empty-block wait has tests of its own.
-START_AT_ONCE = Timeouts(empty_block=0.0)
+# The algorithm tests start round 0 at once; the empty-block wait and the commit pause have
+# tests of their own.
+START_AT_ONCE = Timeouts(empty_block=0.0, commit=0.0)
 
 
 def make_core(index: int, config: ConsensusConfig | None = None, **kwargs: object) -> ConsensusCore:
@@ -494,7 +495,10 @@ def test_block_with_too_few_precommits_is_not_committed_from_sync() -> None:
 def test_message_from_a_later_height_requests_sync_and_is_replayed_on_arrival() -> None:
     clock = [0.0]
     core = ConsensusCore(
-        ConsensusConfig(CHAIN), KEYS[0], ChainState.genesis(VALIDATORS), clock=lambda: clock[0]
+        ConsensusConfig(CHAIN, timeouts=Timeouts(commit=0.0)),
+        KEYS[0],
+        ChainState.genesis(VALIDATORS),
+        clock=lambda: clock[0],
     )
     step(core)
     b1 = block()
@@ -724,7 +728,7 @@ def test_restart_keeps_the_proof_of_lock_and_relays_it() -> None:
 
 # Empty blocks -------------------------------------------------------------------------
 
-WAIT_FOR_RECORDS = ConsensusConfig(CHAIN, timeouts=Timeouts(empty_block=5.0))
+WAIT_FOR_RECORDS = ConsensusConfig(CHAIN, timeouts=Timeouts(empty_block=5.0, commit=0.0))
 
 
 def proposals_in(actions: list[Action]) -> list[Proposal]:
@@ -800,7 +804,8 @@ def lone_core(config: ConsensusConfig) -> ConsensusCore:
 
 
 def test_a_lone_validator_commits_what_is_pending_and_then_waits() -> None:
-    config = ConsensusConfig(CHAIN, timeouts=Timeouts(empty_block=5.0), max_block_records=2)
+    timeouts = Timeouts(empty_block=5.0, commit=0.0)
+    config = ConsensusConfig(CHAIN, timeouts=timeouts, max_block_records=2)
     core = lone_core(config)
     assert [a for a in step(core) if isinstance(a, Commit)] == []
     records = [RecordSubmitted(f"r{i}".encode()) for i in range(5)]
@@ -815,8 +820,17 @@ def test_a_lone_validator_commits_what_is_pending_and_then_waits() -> None:
 
 
 def test_default_timeouts_let_a_lone_validator_rest_between_empty_blocks() -> None:
+    defaults = Timeouts()
     core = lone_core(ConsensusConfig(CHAIN))
     actions = step(core)
+    assert ScheduleTimeout(Timeout(TimeoutKind.NEW_HEIGHT, 1, 0), defaults.commit) in actions
+    actions = step(core, TimeoutFired(Timeout(TimeoutKind.NEW_HEIGHT, 1, 0)))
+    [wait] = [
+        a.delay
+        for a in actions
+        if isinstance(a, ScheduleTimeout) and a.timeout.kind is TimeoutKind.EMPTY_BLOCK
+    ]
+    assert wait == pytest.approx(defaults.empty_block - defaults.commit)
     assert core.step is Step.NEW_HEIGHT
     assert not any(isinstance(a, Commit) for a in actions)
     actions = step(core, TimeoutFired(Timeout(TimeoutKind.EMPTY_BLOCK, 1, 0)))

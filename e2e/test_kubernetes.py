@@ -148,7 +148,10 @@ def test_pod_pulls_an_image_through_the_mirror(ready_network: str) -> None:
                     "args": [
                         "inspect",
                         "--tls-verify=false",
-                        f"docker://{mirror}/library/busybox:1.36?ns=docker.io",
+                        # No "?ns=": that is containerd's mirror parameter, and skopeo
+                        # refuses it as an invalid reference. The Service serves plain
+                        # HTTP on port 80 (examples/network.yaml), so name the port.
+                        f"docker://{mirror}:80/library/busybox:1.36",
                     ],
                 }
             ],

@@ -17,7 +17,7 @@ import kopf
 import pytest
 from pyrsia_node.genesis import Genesis
 from pyrsia_node.ledger import GovernanceAction, GovernanceRecord, decode_record
-from pyrsia_operator import governance, handlers
+from pyrsia_operator import governance, handlers, peering
 from pyrsia_operator.kube import Connection, Kube
 from pyrsia_operator.nodestatus import NodeStatus
 
@@ -87,9 +87,28 @@ async def kube(cluster: Any) -> AsyncIterator[Kube]:
     await client.close()
 
 
-@pytest.fixture
-async def operator(cluster: Any, kube: Kube) -> AsyncIterator[tuple[FakeNodes, FakeGovernance]]:
-    nodes, gov = FakeNodes(), FakeGovernance()
+class RunningOperator:
+    """The operator's kopf tasks in this loop, until ``stop``."""
+
+    def __init__(self, runner: asyncio.Task[Any], stop: asyncio.Event, ignored: set[Any]):
+        self._runner, self._stop, self._ignored = runner, stop, ignored
+
+    async def stop(self) -> None:
+        # kopf cancels, on exit, every task created after it started; the task stopping it
+        # (e.g. a fixture's teardown) adds itself to the tasks kopf leaves alone.
+        current = asyncio.current_task()
+        assert current is not None
+        self._ignored.add(current)
+        self._stop.set()
+        await asyncio.wait_for(self._runner, timeout=120)
+
+
+async def start_operator(
+    cluster: Any, nodes: FakeNodes, gov: FakeGovernance, **options: Any
+) -> RunningOperator:
+    """Start the operator's handlers against ``cluster``; ``options`` go to kopf (peering,
+    scope). One login handler function for every test: kopf keys handlers by name, and the
+    default registry keeps those of earlier tests."""
     registry = kopf.get_default_registry()
 
     @kopf.on.login(registry=registry)
@@ -98,24 +117,21 @@ async def operator(cluster: Any, kube: Kube) -> AsyncIterator[tuple[FakeNodes, F
 
     ctx = handlers.OperatorContext(Kube(Connection(server=str(cluster.url))), nodes, gov)
     stop = asyncio.Event()
-    # kopf cancels, on exit, every task created after it started; this fixture's teardown
-    # runs in such a task, so it adds itself to the tasks kopf leaves alone.
     ignored: set[asyncio.Task[Any]] = set(asyncio.all_tasks())
     tasks = await kopf.spawn_tasks(
-        registry=registry,
-        standalone=True,
-        clusterwide=True,
-        stop_flag=stop,
-        memo=kopf.Memo(ctx=ctx),
+        registry=registry, stop_flag=stop, memo=kopf.Memo(ctx=ctx), **options
     )
     runner = asyncio.create_task(kopf.run_tasks(tasks, ignored=ignored))
     ignored.add(runner)
+    return RunningOperator(runner, stop, ignored)
+
+
+@pytest.fixture
+async def operator(cluster: Any, kube: Kube) -> AsyncIterator[tuple[FakeNodes, FakeGovernance]]:
+    nodes, gov = FakeNodes(), FakeGovernance()
+    running = await start_operator(cluster, nodes, gov, standalone=True, clusterwide=True)
     yield nodes, gov
-    current = asyncio.current_task()
-    assert current is not None
-    ignored.add(current)
-    stop.set()
-    await asyncio.wait_for(runner, timeout=120)
+    await running.stop()
 
 
 def network_body(name: str = "net", **spec: Any) -> dict[str, Any]:
@@ -404,3 +420,54 @@ async def test_delete_releases_the_finalizer(
         what="network deleted once the finalizer is released",
     )
     assert await _absent(kube, "v1", "PersistentVolumeClaim", "data-net-peer-0")
+
+
+# Peering: several operator replicas -------------------------------------------------
+
+PEERING = "pyrsia-operator"
+PEERING_RESOURCES: dict[str, dict[str, Any]] = {
+    "kopf.dev/v1/clusterkopfpeerings": {"kind": "ClusterKopfPeering", "namespaced": False},
+    "kopf.dev/v1/kopfpeerings": {"kind": "KopfPeering", "namespaced": True},
+}
+
+
+async def test_peering_objects_are_created_once(cluster: Any, kube: Kube) -> None:
+    for key, info in PEERING_RESOURCES.items():
+        cluster.resources[key] = {**info, "verbs": VERBS}
+    cluster_wide = f"/apis/kopf.dev/v1/clusterkopfpeerings/{PEERING}"
+    assert await peering.ensure_peering(kube, PEERING, []) == [cluster_wide]
+    assert await peering.ensure_peering(kube, PEERING, []) == []
+    assert await kube.read(cluster_wide) is not None
+    in_namespace = f"/apis/kopf.dev/v1/namespaces/{NS}/kopfpeerings/{PEERING}"
+    assert await peering.ensure_peering(kube, PEERING, [NS]) == [in_namespace]
+    assert (await kube.read(in_namespace) or {})["metadata"]["name"] == PEERING
+
+
+async def test_a_peered_operator_waits_for_its_peering_object_and_then_acts(
+    cluster: Any, kube: Kube
+) -> None:
+    """kopf with a peering name stays paused until its peering object exists, and never
+    creates it: without `ensure_peering` the chart's operator would serve nothing."""
+    for key, info in PEERING_RESOURCES.items():
+        cluster.resources[key] = {**info, "verbs": VERBS}
+    running = await start_operator(
+        cluster,
+        FakeNodes(),
+        FakeGovernance(),
+        clusterwide=True,
+        peering_name=PEERING,  # as the chart runs it
+        priority=peering.random_priority(),
+    )
+    try:
+        await kube.create(network_body())
+        await asyncio.sleep(30)
+        assert await kube.get("apps/v1", "StatefulSet", NS, "net-authority-0") is None
+
+        await peering.ensure_peering(kube, PEERING, [])
+
+        async def acting() -> bool:
+            return await kube.get("apps/v1", "StatefulSet", NS, "net-authority-0") is not None
+
+        await eventually(acting, what="the operator to act once its peering object exists")
+    finally:
+        await running.stop()

@@ -213,6 +213,15 @@ class Kube:
         )
         return created or {}
 
+    async def read(self, path: str) -> dict[str, Any] | None:
+        """GET an API path (any kind, e.g. kopf's peering objects); None when absent."""
+        return await self._request("GET", path)
+
+    async def post(self, collection: str, obj: Mapping[str, Any]) -> dict[str, Any]:
+        """POST ``obj`` to the collection path ``collection``; ``KubeError`` on refusal
+        (409 when it exists already)."""
+        return await self._request("POST", collection, body=dict(obj)) or {}
+
     async def patch_status(
         self, api_version: str, kind: str, namespace: str, name: str, status: Mapping[str, Any]
     ) -> None:

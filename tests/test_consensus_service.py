@@ -288,6 +288,24 @@ async def test_forged_governance_records_are_refused_with_the_reason(
     assert len(service.mempool) == 0
 
 
+async def test_an_unreachable_authority_costs_the_others_bounded_memory() -> None:
+    """Envelopes for an authority that does not take them are bounded in bytes (gossip
+    batches are up to 1 MiB; 10,000 of them used to be kept): the oldest are dropped."""
+    transport = GrpcTransport(
+        Identity.generate(), CHAIN, grpc.aio.insecure_channel, lambda: 0, queue_bytes=4 << 20
+    )
+    transport.set_authorities({Identity.generate().public_key: "127.0.0.1:1"}, stream=True)
+    batch = pb.ConsensusEnvelope(records=pb.RecordBatch(records=[bytes(1 << 20)]))
+    try:
+        for _ in range(64):  # no await: the sender task takes nothing meanwhile
+            transport.broadcast(batch)
+        [(count, size, dropped)] = transport.queued().values()
+        assert (count, dropped) == (3, 61)
+        assert size == 3 * batch.ByteSize() <= 4 << 20
+    finally:
+        await transport.close()
+
+
 async def test_stream_from_a_non_authority_is_refused(
     network: tuple[list[Node], Node, Genesis],
 ) -> None:

@@ -91,6 +91,7 @@ from pyrsia_node.consensus.governance import (
 from pyrsia_node.consensus.mempool import Mempool, MempoolLimits, RecordRejected
 from pyrsia_node.consensus.messages import Block, CommitCertificate, Proposal
 from pyrsia_node.consensus.metrics import ConsensusMetrics
+from pyrsia_node.consensus.outbox import Outbox
 from pyrsia_node.consensus.validators import ValidatorSet
 from pyrsia_node.consensus.wal import Step, WalState, WriteAheadFile
 from pyrsia_node.consensus.wire import (
@@ -130,6 +131,8 @@ SYNC_BATCH = 64
 MAX_BLOCKS_PER_REQUEST = 256
 MAX_RECORDS_PER_REQUEST = 10_000  # a block's worth (ConsensusConfig.max_block_records)
 RECONNECT_SECONDS = 0.5
+# Bytes queued for one other authority at most (`Outbox`); a gossip batch is up to 1 MiB.
+OUTBOX_BYTES = 32 << 20
 FETCH_TIMEOUT_SECONDS = 10.0
 # Record gossip is batched per event-loop turn, up to this many bytes per envelope (well
 # under gRPC's default 4 MiB message limit).
@@ -194,14 +197,18 @@ class GrpcTransport:
         channel: ChannelFactory,
         wall_clock_ms: Callable[[], int],
         queue_size: int = 10_000,
+        queue_bytes: int = OUTBOX_BYTES,
     ) -> None:
         self._identity = identity
         self._chain_id = chain_id
         self._channel = channel
         self._wall_clock_ms = wall_clock_ms
         self._queue_size = queue_size
+        self._queue_bytes = queue_bytes
         self._addresses: dict[bytes, str] = {}
-        self._queues: dict[bytes, asyncio.Queue[pb.ConsensusEnvelope]] = {}
+        # Per destination, bounded in messages and bytes: a paused authority costs the
+        # others at most that much memory (what is dropped, consensus recovers).
+        self._queues: dict[bytes, Outbox[pb.ConsensusEnvelope]] = {}
         self._senders: dict[bytes, asyncio.Task[None]] = {}
         # Kept open (by address; closed with the transport): followers probe every
         # authority every second or so.
@@ -215,17 +222,20 @@ class GrpcTransport:
             self._senders.pop(key).cancel()
             self._queues.pop(key, None)
         for key in wanted - set(self._senders):
-            queue: asyncio.Queue[pb.ConsensusEnvelope] = asyncio.Queue(self._queue_size)
+            queue: Outbox[pb.ConsensusEnvelope] = Outbox(self._queue_size, self._queue_bytes)
             self._queues[key] = queue
             self._senders[key] = asyncio.create_task(
                 self._send_loop(key, queue), name=f"consensus-stream-{key.hex()[:8]}"
             )
 
     def broadcast(self, envelope: pb.ConsensusEnvelope) -> None:
+        size = envelope.ByteSize()
         for queue in self._queues.values():
-            if queue.full():
-                queue.get_nowait()
-            queue.put_nowait(envelope)
+            queue.put(envelope, size)
+
+    def queued(self) -> dict[bytes, tuple[int, int, int]]:
+        """Per destination: envelopes queued, their bytes, envelopes dropped so far."""
+        return {k: (len(q), q.bytes, q.dropped) for k, q in self._queues.items()}
 
     def _hello(self, receiver: bytes) -> pb.StreamHello:
         now = self._wall_clock_ms()
@@ -239,7 +249,7 @@ class GrpcTransport:
             signature=signature,
         )
 
-    async def _send_loop(self, key: bytes, queue: asyncio.Queue[pb.ConsensusEnvelope]) -> None:
+    async def _send_loop(self, key: bytes, queue: Outbox[pb.ConsensusEnvelope]) -> None:
         while True:
             address = self._addresses.get(key)
             if address is None:

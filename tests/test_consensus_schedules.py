@@ -525,6 +525,19 @@ def tear_write_ahead_file(network: FaultNetwork, name: str) -> None:
         handle.write(torn)
 
 
+def kill_tear_and_restart(network: FaultNetwork, live: set[str], victim: str) -> int:
+    """kill -9 ``victim``, check its files, leave a torn write-ahead frame as a kill in
+    mid-write does, restart it and wait until it serves; the height it had stored."""
+    network.net.kill(victim)
+    live.discard(victim)
+    stored = check_files_of_dead_node(network, victim, live)
+    tear_write_ahead_file(network, victim)
+    network.net.start(victim)
+    live.add(victim)
+    wait_serving(network, victim)
+    return stored
+
+
 def test_states_written_after_a_torn_write_ahead_frame_are_loaded_after_the_next_kill(
     network: FaultNetwork,
 ) -> None:
@@ -534,13 +547,7 @@ def test_states_written_after_a_torn_write_ahead_frame_are_loaded_after_the_next
     victim = "authority-1"
     with RecordFeeder(network) as feeder:
         wait_until(lambda: min(network.heights().values()) >= 2, 30, lambda: str(network.heights()))
-        network.net.kill(victim)
-        feeder.live.discard(victim)
-        stored = check_files_of_dead_node(network, victim, feeder.live)
-        tear_write_ahead_file(network, victim)
-        network.net.start(victim)
-        feeder.live.add(victim)
-        wait_serving(network, victim)
+        stored = kill_tear_and_restart(network, feeder.live, victim)
         wait_until(
             lambda: network.height(victim) >= stored + 5,
             30,
@@ -568,13 +575,7 @@ def test_authorities_killed_under_heavy_load_recover_their_files(network: FaultN
         for victim in (first, second, first):
             time.sleep(rng.uniform(0.2, 2.0))
             print(f"{time.monotonic():.1f} kill -9 {victim} at height {network.height(victim)}")
-            network.net.kill(victim)
-            feeder.live.discard(victim)
-            stored = check_files_of_dead_node(network, victim, feeder.live)
-            tear_write_ahead_file(network, victim)
-            network.net.start(victim)
-            feeder.live.add(victim)
-            wait_serving(network, victim)
+            stored = kill_tear_and_restart(network, feeder.live, victim)
             assert network.height(victim) >= stored, f"{victim} lost committed blocks"
             # Let it sign and commit a few heights past the torn frame before the next kill.
             wait_until(

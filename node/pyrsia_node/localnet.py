@@ -182,21 +182,14 @@ class LocalNetwork:
         governance = Identity.from_pem((self.root / "governance.key").read_bytes())
         chain_id = self._genesis().chain_id
         sequence = time.time_ns() // 1_000_000
-        if action is GovernanceAction.ADD:
-            record = GovernanceRecord.create(
-                governance,
-                chain_id,
-                sequence,
-                action,
-                name,
-                key,
-                node.grpc_address,
-                f"{node.host}:{node.http_port}",
-                f"{node.host}:{node.metrics_port}",
-            )
-        else:
-            record = GovernanceRecord.create(governance, chain_id, sequence, action, name, key)
-        return record.encode()
+        addresses = (
+            node.grpc_address,
+            f"{node.host}:{node.http_port}",
+            f"{node.host}:{node.metrics_port}",
+        )
+        return GovernanceRecord.membership(
+            governance, chain_id, sequence, action, name, key, addresses
+        ).encode()
 
     def submit_record(self, name: str, record: bytes) -> dict[str, Any]:
         """Offer ``record`` to node ``name``'s admin API (``POST /api/v1/records``); its

@@ -49,27 +49,16 @@ class MembershipChange:
 def change_record(change: MembershipChange, governance: Identity) -> bytes:
     """The canonical bytes of the signed ``GovernanceRecord`` for ``change``."""
     a = change.authority
-    if change.action == "add":
-        record = GovernanceRecord.create(
-            governance,
-            change.chain_id,
-            change.sequence,
-            GovernanceAction.ADD,
-            a.name,
-            a.public_key,
-            a.grpc_address,
-            a.http_address,
-            a.metrics_address,
-        )
-    else:  # a removal names the key only; addresses mean nothing for a leaving authority
-        record = GovernanceRecord.create(
-            governance,
-            change.chain_id,
-            change.sequence,
-            GovernanceAction.REMOVE,
-            a.name,
-            a.public_key,
-        )
+    action = GovernanceAction.ADD if change.action == "add" else GovernanceAction.REMOVE
+    record = GovernanceRecord.membership(
+        governance,
+        change.chain_id,
+        change.sequence,
+        action,
+        a.name,
+        a.public_key,
+        (a.grpc_address, a.http_address, a.metrics_address),
+    )
     return record.encode()
 
 

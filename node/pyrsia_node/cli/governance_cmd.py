@@ -29,6 +29,7 @@ from pyrsia_node.identity import Identity
 from pyrsia_node.ledger import GovernanceAction, GovernanceRecord, RecordError
 
 RECORDS = "/api/v1/records"
+KINDS = ("grpc", "http", "metrics")
 
 
 def register(sub: Any) -> None:
@@ -92,14 +93,11 @@ def run(args: argparse.Namespace) -> int:
     chain_id = args.chain_id or call(f"{node}/api/v1/status")["chain_id"]
     sequence = args.sequence if args.sequence is not None else time.time_ns() // 1_000_000
     action = GovernanceAction.ADD if args.action == "add" else GovernanceAction.REMOVE
-    addresses = (
-        (args.grpc_address, args.http_address, args.metrics_address)
-        if action is GovernanceAction.ADD
-        else ()
-    )
+    # `remove` has no address options; `membership` drops addresses of a removal anyway.
+    grpc, http, metrics = (getattr(args, f"{kind}_address", "") for kind in KINDS)
     try:
-        record = GovernanceRecord.create(
-            governance, chain_id, sequence, action, args.name, public_key, *addresses
+        record = GovernanceRecord.membership(
+            governance, chain_id, sequence, action, args.name, public_key, (grpc, http, metrics)
         )
     except RecordError as exc:
         raise CliError(f"cannot build the record: {exc}") from None

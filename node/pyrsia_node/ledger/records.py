@@ -486,6 +486,22 @@ class GovernanceRecord:
             signature,
         )
 
+    @classmethod
+    def membership(
+        cls,
+        governance: Identity,
+        chain_id: str,
+        sequence: int,
+        action: GovernanceAction,
+        name: str,
+        public_key: bytes,
+        addresses: tuple[str, str, str],
+    ) -> GovernanceRecord:
+        """``create`` for a membership change: an ADD carries ``addresses`` (gRPC, HTTP,
+        metrics: where the others reach the new authority), a REMOVE none."""
+        kept = addresses if action is GovernanceAction.ADD else ("", "", "")
+        return cls.create(governance, chain_id, sequence, action, name, public_key, *kept)
+
     def _signed_part(self) -> bytes:
         w = _Writer()
         w.u8(FORMAT_VERSION)

@@ -1,5 +1,6 @@
 """``pyrsia up`` end to end: real node processes on loopback, then nothing left behind."""
 
+import json
 import os
 import signal
 import subprocess
@@ -128,3 +129,20 @@ def test_node_stops_within_five_seconds_of_sigterm(tmp_path: Path) -> None:
     finally:
         up.send_signal(signal.SIGINT)
         up.wait(timeout=15)
+
+
+def test_a_node_process_tunes_the_cyclic_collector() -> None:
+    """`server.tune_collector`, as `pyrsia node` runs it after start-up: the thresholds set
+    and what is alive frozen (run in a child so this process's collector stays as it is)."""
+    code = (
+        "import gc, json\n"
+        "from pyrsia_node.server import GC_THRESHOLDS, tune_collector\n"
+        "before = gc.get_threshold()\n"
+        "tune_collector()\n"
+        "print(json.dumps([before, gc.get_threshold(), GC_THRESHOLDS, gc.get_freeze_count()]))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    before, after, wanted, frozen = json.loads(out.stdout)
+    assert before == [700, 10, 10]
+    assert after == list(wanted) != before
+    assert frozen > 10_000  # the imported modules' objects at least

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import signal
 import time
@@ -394,6 +395,23 @@ class Node:
         self.ledger.close()
 
 
+# The cyclic collector's generation thresholds for a running node; CPython's are
+# (700, 10, 10). A node keeps hundreds of thousands of long-lived objects (the catalog, the
+# mempool, record and statement caches) and allocates ~100 per record, so with the defaults
+# it ran a young collection every few milliseconds at thousands of records per second and
+# full ones that took 0.1-0.3 s each, ~10% of its CPU in the consensus bench. A young
+# collection now runs after 50,000 more tracked objects than freed (tens of MiB at most).
+GC_THRESHOLDS = (50_000, 20, 10)
+
+
+def tune_collector() -> None:
+    """Set `GC_THRESHOLDS` and move everything alive now (modules, the replayed state) to
+    the collector's permanent generation, which its collections no longer scan."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 async def run(config: NodeConfig) -> None:
     """Run a node until SIGTERM or SIGINT."""
     node = Node(config)
@@ -402,6 +420,7 @@ async def run(config: NodeConfig) -> None:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await node.start()
+    tune_collector()
     await stop.wait()
     log.info("node %s stopping", config.name)
     await asyncio.wait_for(node.stop(), timeout=STOP_GRACE_SECONDS * 2)

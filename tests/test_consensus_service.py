@@ -14,6 +14,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry
 from pyrsia.v1 import consensus_pb2 as pb
 from pyrsia.v1 import consensus_pb2_grpc as pb_grpc
@@ -605,7 +607,7 @@ async def test_authorities_serve_pending_records_by_leaf_hash(tmp_path: Path) ->
 
 
 def test_the_mempool_forgets_records_refused_on_a_second_check() -> None:
-    pool = Mempool(MempoolLimits(), lambda _: False, lambda _: True)
+    pool = Mempool(MempoolLimits(), lambda _: set(), lambda _: True)
     assert pool.admit(record(1)) and pool.admit(record(2))
     pool.retain(lambda r: r != record(1))
     assert pool.get(leaf_hash(record(1))) is None
@@ -614,7 +616,7 @@ def test_the_mempool_forgets_records_refused_on_a_second_check() -> None:
 
 
 def test_the_mempool_knows_and_forgets_records_by_their_bytes() -> None:
-    pool = Mempool(MempoolLimits(), lambda _: False, lambda _: True)
+    pool = Mempool(MempoolLimits(), lambda _: set(), lambda _: True)
     assert pool.admit(record(1)) and pool.admit(record(2))
     copy = bytes(bytearray(record(1)))  # equal bytes, another object
     assert copy in pool and b"other" not in pool
@@ -622,6 +624,59 @@ def test_the_mempool_knows_and_forgets_records_by_their_bytes() -> None:
     assert record(1) not in pool and pool.get(leaf_hash(record(1))) is None
     assert record(2) in pool
     assert len(pool) == 1 and pool.pending_bytes == len(record(2))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    batch=st.lists(st.integers(0, 7), max_size=12),
+    pending=st.sets(st.integers(0, 7)),
+    ledger=st.sets(st.integers(0, 7)),
+    invalid=st.sets(st.integers(0, 7)),
+    max_records=st.integers(0, 10),
+)
+def test_admitting_a_batch_is_admitting_its_records_one_by_one(
+    batch: list[int], pending: set[int], ledger: set[int], invalid: set[int], max_records: int
+) -> None:
+    """`admit_all` gives each record what `admit` in order would (new, a pending duplicate,
+    or the refusal: invalid, in the ledger, too large, the pool full), ends in the same
+    pool, and asks the ledger once, about those not pending."""
+    big = 7  # over the size limit
+
+    def data(i: int) -> bytes:
+        return record(i) + b"x" * 100 if i == big else record(i)
+
+    held = {leaf_hash(data(i)) for i in ledger}
+    asked: list[list[bytes]] = []
+
+    def in_ledger(hashes: Sequence[bytes]) -> set[bytes]:
+        asked.append(list(hashes))
+        return held & set(hashes)
+
+    def pool() -> Mempool:
+        made = Mempool(MempoolLimits(), in_ledger, lambda r: r not in {data(i) for i in invalid})
+        for i in sorted(pending - ledger - invalid - {big}):
+            made.admit(data(i))
+        made.limits = MempoolLimits(max_records=max_records, max_record_bytes=len(record(0)))
+        return made
+
+    def one(made: Mempool, i: int) -> bool | str:
+        try:
+            return made.admit(data(i))
+        except RecordRejected as exc:
+            return exc.reason
+
+    one_by_one = pool()
+    expected = [one(one_by_one, i) for i in batch]
+    batched = pool()
+    not_pending = [leaf_hash(data(i)) for i in batch if i != big and data(i) not in batched]
+    asked.clear()
+    outcomes = batched.admit_all([data(i) for i in batch])
+    assert [o.reason if isinstance(o, RecordRejected) else o for o in outcomes] == expected
+    assert [batched.get(leaf_hash(data(i))) for i in range(8)] == [
+        one_by_one.get(leaf_hash(data(i))) for i in range(8)
+    ]
+    assert len(batched) == len(one_by_one) and batched.pending_bytes == one_by_one.pending_bytes
+    assert asked == ([not_pending] if not_pending else [])
 
 
 async def test_stop_closes_the_transport_after_a_task_died_of_an_error(tmp_path: Path) -> None:

@@ -308,6 +308,27 @@ def test_lookups_span_the_flushed_indexes_and_the_pending_entries(tmp_path: Path
         again.verify_integrity()
 
 
+def test_batched_lookups_agree_with_one_lookup_per_hash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`indexes_of` over hashes in SQLite, in memory, repeated, copied twice in the log and
+    absent, across more than one statement's worth (chunk of 4 here): the same first indexes
+    `index_of` gives, nothing for the absent ones."""
+    monkeypatch.setattr(log_module, "_LOOKUP_CHUNK", 4)
+    with TransparencyLog(tmp_path, index_batch=10) as log:
+        log.append([record(i) for i in range(23)])
+        log.wait_for_indexes()  # all in SQLite; the copies below stay in memory
+        # Copies of 5 and 21 (their first index stays the one in SQLite) and 23, only here.
+        log.append([record(5), record(21), record(23)])
+        hashes = [merkle.leaf_hash(record(i)) for i in (22, 0, 5, 9, 21, 5, 17, 23)]
+        absent = [merkle.leaf_hash(b"nothing %d" % i) for i in range(6)]
+        found = log.indexes_of(hashes + absent)
+        assert found == {h: log.index_of(h) for h in hashes}
+        assert [found[h] for h in hashes] == [22, 0, 5, 9, 21, 5, 17, 25]
+        assert log.indexes_of([]) == {}
+        assert log.indexes_of(absent[:1]) == {}
+
+
 def test_lookups_are_right_at_every_moment_of_background_flushes(tmp_path: Path) -> None:
     """A reader thread checks lookups of every committed entry while the writer appends and
     the index writer moves entries from memory to SQLite in small slices."""

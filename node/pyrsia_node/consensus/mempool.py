@@ -10,7 +10,7 @@ other authorities) and forgets a record once it is committed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 
 from pyrsia_node.merkle import leaf_hash
@@ -35,11 +35,13 @@ class Mempool:
     def __init__(
         self,
         limits: MempoolLimits,
-        is_committed: Callable[[bytes], bool],
+        in_ledger: Callable[[Sequence[bytes]], Collection[bytes]],
         is_valid: Callable[[bytes], bool],
     ) -> None:
+        """`in_ledger` answers which of the leaf hashes it is given the ledger holds (one
+        call per `admit_all`); `is_valid` is the record check."""
         self.limits = limits
-        self._is_committed = is_committed
+        self._in_ledger = in_ledger
         self._is_valid = is_valid
         self._pending: dict[bytes, bytes] = {}  # leaf hash -> record
         # record -> leaf hash, for the same records: membership and removal by the record
@@ -66,29 +68,54 @@ class Mempool:
         """True when `record` is new and goes to the core; False for a pending duplicate.
 
         Raises `RecordRejected` for a record that must not be proposed."""
-        size = len(record)
-        if size > self.limits.max_record_bytes:
-            raise RecordRejected(
-                f"record of {size} bytes exceeds the limit of {self.limits.max_record_bytes}"
-            )
-        key = leaf_hash(record)
-        if key in self._pending:
-            return False
+        (outcome,) = self.admit_all([record])
+        if isinstance(outcome, RecordRejected):
+            raise outcome
+        return outcome
+
+    def admit_all(self, records: Sequence[bytes]) -> list[bool | RecordRejected]:
+        """`admit` for each of `records` in order: what it would return or raise for each.
+        The ledger is asked about all the new ones in one `in_ledger` call."""
+        outcomes: list[bool | RecordRejected] = [False] * len(records)
+        new: list[tuple[int, bytes]] = []  # (position, leaf hash) of those not pending
+        for position, record in enumerate(records):
+            if len(record) > self.limits.max_record_bytes:
+                outcomes[position] = RecordRejected(
+                    f"record of {len(record)} bytes exceeds the limit of "
+                    f"{self.limits.max_record_bytes}"
+                )
+                continue
+            key = leaf_hash(record)
+            if key not in self._pending:
+                new.append((position, key))
+        held = self._in_ledger([key for _, key in new]) if new else ()
+        for position, key in new:
+            if key in self._pending:  # a second copy within `records`
+                continue
+            record = records[position]
+            try:
+                self._check(record, key in held)
+            except RecordRejected as exc:
+                outcomes[position] = exc
+                continue
+            self._pending[key] = record
+            self._hashes[record] = key
+            self._bytes += len(record)
+            outcomes[position] = True
+        return outcomes
+
+    def _check(self, record: bytes, in_ledger: bool) -> None:
         if not self._is_valid(record):
             raise RecordRejected(
                 "record refused: not a canonical ledger record, or its attestations do not "
                 "reach the threshold among the authorities in force"
             )
-        if self._is_committed(key):
+        if in_ledger:
             raise RecordRejected("record is already in the ledger")
         if len(self._pending) >= self.limits.max_records:
             raise RecordRejected("mempool is full (record count); retry later")
-        if self._bytes + size > self.limits.max_total_bytes:
+        if self._bytes + len(record) > self.limits.max_total_bytes:
             raise RecordRejected("mempool is full (bytes); retry later")
-        self._pending[key] = record
-        self._hashes[record] = key
-        self._bytes += size
-        return True
 
     def retain(self, keep: Callable[[bytes], bool]) -> None:
         """Forget the pending records `keep` refuses (e.g. after the validators changed)."""

@@ -379,7 +379,7 @@ class ConsensusService:
         # The set the mempool's records were last checked against (see `_commit`).
         self._checked_under = self._replayed_in_force
         self.mempool = Mempool(
-            mempool_limits or MempoolLimits(), self._in_ledger, self._record_valid
+            mempool_limits or MempoolLimits(), self._held_by_ledger, self._record_valid
         )
         self._wal = WriteAheadFile(directory / WAL_FILE)
         self._blocks: BlockStore | None = None
@@ -540,17 +540,35 @@ class ConsensusService:
 
         A new record is also sent to the other authorities, so whichever proposes next can
         include it: the records submitted within `GOSSIP_INTERVAL` go out together."""
-        refusal = governance_refusal(self.genesis, record)
-        if refusal is not None:  # the mempool's refusal would not say what is wrong
-            raise RecordRejected(f"record refused: {refusal}")
-        if not self._admit(record):
-            return False
-        self._submitted_at[record] = self._clock()
-        self._gossip.append(record)
-        if not self._gossip_scheduled:
+        (outcome,) = self.submit_all([record])
+        if isinstance(outcome, RecordRejected):
+            raise outcome
+        return outcome
+
+    def submit_all(self, records: Sequence[bytes]) -> list[bool | RecordRejected]:
+        """`submit` for each of `records`: what it would return or raise for each."""
+        records = list(records)  # a protobuf repeated field makes new bytes per access
+        outcomes: list[bool | RecordRejected] = []
+        candidates: list[bytes] = []
+        for record in records:
+            refusal = governance_refusal(self.genesis, record)
+            # The mempool's refusal would not say what is wrong with a governance record.
+            outcomes.append(RecordRejected(f"record refused: {refusal}") if refusal else True)
+            if refusal is None:
+                candidates.append(record)
+        admitted = iter(self._admit_all(candidates))
+        now = self._clock()
+        for position, record in enumerate(records):
+            if outcomes[position] is not True:
+                continue
+            outcome = outcomes[position] = next(admitted)
+            if outcome is True:
+                self._submitted_at[record] = now
+                self._gossip.append(record)
+        if self._gossip and not self._gossip_scheduled:
             self._gossip_scheduled = True
             asyncio.get_running_loop().call_later(GOSSIP_INTERVAL, self._send_gossip)
-        return True
+        return outcomes
 
     def _send_gossip(self) -> None:
         self._gossip_scheduled = False
@@ -568,18 +586,22 @@ class ConsensusService:
             self.transport.broadcast(pb.ConsensusEnvelope(records=pb.RecordBatch(records=batch)))
         self._gossip = []
 
-    def _admit(self, record: bytes) -> bool:
-        if not self.mempool.admit(record):
-            return False
+    def _admit_all(self, records: Sequence[bytes]) -> list[bool | RecordRejected]:
+        """The mempool's `admit_all`; the admitted records reach the core together at the
+        end of this event-loop turn and complete the compact proposals waiting for them."""
+        outcomes = self.mempool.admit_all(records)
+        admitted = [r for r, outcome in zip(records, outcomes, strict=True) if outcome is True]
+        if not admitted:
+            return outcomes
         if not self._admitted:
             asyncio.get_running_loop().call_soon(self._hand_admitted_to_core)
-        self._admitted.append(record)
-        if self._awaiting:
+        self._admitted += admitted
+        for record in admitted if self._awaiting else ():
             for sender, message, hashes in self._awaiting.supplied(leaf_hash(record)):
-                records = _complete(hashes, self.mempool.get)
-                if records is not None:  # else one left the mempool: its block committed
-                    self._hand_over(sender, message, records)
-        return True
+                found = _complete(hashes, self.mempool.get)
+                if found is not None:  # else one left the mempool: its block committed
+                    self._hand_over(sender, message, found)
+        return outcomes
 
     def _hand_admitted_to_core(self) -> None:
         if self._admitted:
@@ -593,13 +615,10 @@ class ConsensusService:
             self._on_cosignature(sender, envelope.cosignature)
             return
         if body == "record":
-            with contextlib.suppress(RecordRejected):
-                self._admit(envelope.record)
+            self._admit_all([envelope.record])
             return
         if body == "records":
-            for record in envelope.records.records:
-                with contextlib.suppress(RecordRejected):
-                    self._admit(record)
+            self._admit_all(list(envelope.records.records))
             return
         try:
             hashes = compact_record_hashes(envelope.proposal) if body == "proposal" else None
@@ -683,8 +702,7 @@ class ConsensusService:
             record_hash = leaf_hash(record)
             if record_hash in wanted:
                 found[record_hash] = record
-                with contextlib.suppress(RecordRejected):
-                    self._admit(record)
+        self._admit_all(list(found.values()))
         waiting = self._awaiting.get(key)
         if waiting is None or not found:
             return
@@ -1105,18 +1123,17 @@ class ConsensusService:
         return result
 
     def _record_committed(self, record: bytes) -> bool:
-        return self._in_ledger(leaf_hash(record))
+        return bool(self._held_by_ledger([leaf_hash(record)]))
 
-    def _in_ledger(self, record_hash: bytes) -> bool:
+    def _held_by_ledger(self, record_hashes: Sequence[bytes]) -> set[bytes]:
+        """Those of `record_hashes` committed as far as this node's chain has come."""
         if self.ledger is None:
-            return False
-        try:
-            index = self.ledger.index_of(record_hash)
-        except LogError:
-            return False
+            return set()
+        found = self.ledger.indexes_of(record_hashes)
         # Entries beyond the stored blocks' records (see `_records_held`) are not committed
         # as far as this node's chain has come yet.
-        return self._blocks is None or index < self._blocks.records
+        end = None if self._blocks is None else self._blocks.records
+        return {h for h, index in found.items() if end is None or index < end}
 
 
 def _complete(hashes: list[bytes], lookup: Callable[[bytes], bytes | None]) -> list[bytes] | None:
@@ -1229,12 +1246,10 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
         context: grpc.aio.ServicerContext[pb.SubmitRecordsRequest, pb.SubmitRecordsResponse],
     ) -> pb.SubmitRecordsResponse:
         results = []
-        for record in request.records:
-            try:
-                accepted = self._service.submit(record)
-            except RecordRejected as exc:
-                results.append(pb.SubmitRecordResponse(accepted=False, reason=exc.reason))
-                continue
-            reason = "" if accepted else "already pending"
-            results.append(pb.SubmitRecordResponse(accepted=accepted, reason=reason))
+        for outcome in self._service.submit_all(request.records):
+            if isinstance(outcome, RecordRejected):
+                results.append(pb.SubmitRecordResponse(accepted=False, reason=outcome.reason))
+            else:
+                reason = "" if outcome else "already pending"
+                results.append(pb.SubmitRecordResponse(accepted=outcome, reason=reason))
         return pb.SubmitRecordsResponse(results=results)

@@ -14,6 +14,11 @@ Two modes, both offering records at a fixed rate spread over the authorities:
 Reported:
 
 * committed records per second (records committed / time from first offer to last commit),
+  and in processes mode ``steady_records_per_second``: the records of the blocks committed
+  from 2 s after the first offer to the last offer, per second of that window (the offered
+  rate when the network keeps up, its capacity when it does not; the first figure also
+  counts the start and the backlog drained after the last offer, so it stays below the
+  offered rate even for a network that keeps up),
 * commit latency p50 and p99 (offer -> commit seen at the authority that admitted the
   record; in processes mode, seen by this process through that node's follow stream),
 * the reference: the same records appended straight to a `TransparencyLog`, in batches of
@@ -276,6 +281,9 @@ def start_profilers(net: LocalNetwork, directory: Path) -> list[subprocess.Popen
     ]
 
 
+STEADY_AFTER = 2.0  # seconds after the first offer: the start-up blocks are past
+
+
 async def run_processes(
     authorities: int,
     rate: float,
@@ -309,6 +317,7 @@ async def run_processes(
     offered: dict[bytes, tuple[float, int]] = {}
     latencies: list[float] = []
     intervals: list[float] = []  # between consecutive blocks seen on authority-0's stream
+    commits: list[tuple[float, int]] = []  # (when, records) of each block on that stream
     committed = 0
     blocks = 0
     last_commit = 0.0
@@ -336,6 +345,7 @@ async def run_processes(
                     if last_commit:
                         intervals.append(now - last_commit)
                     last_commit = now
+                    commits.append((now, len(item.block.records)))
                 for record in item.block.records:
                     entry = offered.get(record)
                     if entry is not None and entry[1] == node:
@@ -404,6 +414,13 @@ async def run_processes(
     mean_block = committed / blocks if blocks else 1.0
     reference = reference_append(records, max(1, round(mean_block)), root)
     throughput = committed / (last_commit - start) if committed else 0.0
+    # Steady state: the blocks committed from STEADY_AFTER seconds after the first offer to
+    # the last offer, per second of that window: the rate the network commits at while
+    # records keep coming (the offered rate when it keeps up, its capacity when it does not),
+    # without the start-up block or the backlog drained after the offering stopped, which the
+    # figure above includes.
+    window = [n for when, n in commits if STEADY_AFTER <= when - start <= offered_for]
+    steady = sum(window) / (offered_for - STEADY_AFTER) if offered_for > STEADY_AFTER else 0.0
     return {
         "mode": "processes",
         "authorities": authorities,
@@ -415,6 +432,7 @@ async def run_processes(
         "blocks": blocks,
         "mean_block_records": mean_block,
         "records_per_second": throughput,
+        "steady_records_per_second": steady,
         "latency_p50_ms": 1000 * percentile(latencies, 0.5),
         "latency_p99_ms": 1000 * percentile(latencies, 0.99),
         "latency_max_ms": 1000 * latencies[-1] if latencies else float("nan"),

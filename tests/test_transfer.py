@@ -255,11 +255,15 @@ async def test_chunk_not_matching_its_hash_gets_provider_penalised(
 async def test_provider_with_consistently_wrong_bytes_is_found_by_the_whole_digest(
     tmp_path: Path, channels: dict[str, grpc.aio.Channel], servers: list[grpc.aio.Server]
 ) -> None:
-    """The liar hashes its wrong bytes correctly; only the blob digest can expose it."""
+    """The liar hashes its wrong bytes correctly; only the blob digest can expose it.
+
+    One byte of every chunk is wrong, so whichever segments the liar serves are wrong (with
+    one wrong byte, the honest provider could serve that segment and nothing be caught)."""
     digest, data = blob(1024 * 1024, seed=5)
     liar = await start_provider(tmp_path, "liar", {})
     wrong = bytearray(data)
-    wrong[300_000] ^= 1
+    for offset in range(1000, len(wrong), CHUNK):
+        wrong[offset] ^= 1
     path = liar.store.path(digest)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(bytes(wrong))

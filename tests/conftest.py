@@ -37,11 +37,22 @@ def _bindable(port: int) -> bool:
     return True
 
 
+def _ephemeral_start() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port_block(size: int) -> int:
-    """The first port of ``size`` consecutive free loopback ports."""
+    """The first port of ``size`` consecutive free loopback ports, below the kernel's
+    ephemeral range: a client polling a port there before its server listens can be given
+    that very port as its source and connect to itself (it then reads its own request back,
+    and the server cannot bind)."""
     rng = random.Random()
+    top = max(_ephemeral_start(), 10000 + 2 * size)
     for _ in range(200):
-        base = rng.randrange(20000, 60000 - size)
+        base = rng.randrange(10000, top - size)
         if all(_bindable(base + i) for i in range(size)):
             return base
     raise RuntimeError("no block of free loopback ports found")

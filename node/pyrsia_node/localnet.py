@@ -15,6 +15,7 @@ network's governance key, and ``submit_record`` hands it to an authority's admin
 from __future__ import annotations
 
 import ctypes
+import http.client
 import json
 import os
 import signal
@@ -248,7 +249,9 @@ class LocalNetwork:
         for node in self.nodes:
             try:
                 result[node.name] = fetch_json(f"{node.http_url}/api/v1/status", timeout=1.0)
-            except (OSError, urllib.error.URLError, ValueError):
+            except (OSError, urllib.error.URLError, http.client.HTTPException, ValueError):
+                # HTTPException: e.g. a port not yet listened on that the kernel gave the
+                # client as its own source port, so the client read its own request back.
                 result[node.name] = None
         return result
 

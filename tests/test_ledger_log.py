@@ -559,3 +559,20 @@ def test_writer_killed_at_random_points_leaves_a_whole_batch(tmp_path: Path) -> 
                 log.verify_integrity()
     assert expected.size > 0
     assert kills_while_writing >= 20, "too few kills landed inside an append"
+
+
+def test_index_flushes_come_sooner_while_the_index_is_small(tmp_path: Path) -> None:
+    """`_flush_due`: an eighth of the entries indexed, between INDEX_BATCH_MIN and the
+    log's `index_batch`; a smaller `index_batch` is the bound on its own."""
+    with TransparencyLog(tmp_path / "default") as log:
+        due = []
+        for indexed in (0, 8 * 20_000, 8 * 10**7):
+            log._indexed = indexed
+            due.append(log._flush_due())
+        log._indexed = 0
+        assert due == [log_module.INDEX_BATCH_MIN, 20_000, log_module.INDEX_BATCH]
+    with TransparencyLog(tmp_path / "small", index_batch=10) as log:
+        for indexed in (0, 1_000_000):
+            log._indexed = indexed
+            assert log._flush_due() == 10
+        log._indexed = 0

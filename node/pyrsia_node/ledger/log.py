@@ -38,7 +38,7 @@ The lookup indexes (record hash -> index, package id -> indexes; B-trees keyed b
 hashes, every hit checked against the entry) are derived data, kept off the append's
 critical path: ``append`` only adds each entry to in-memory maps of pending entries, and
 a background thread with its own SQLite connection writes them once ``index_batch`` are
-pending. A flush freezes the pending maps (appends go on into fresh ones), sorts their rows
+pending (fewer while the index is small: ``_flush_due``). A flush freezes the pending maps (appends go on into fresh ones), sorts their rows
 by key and inserts them in key-range slices of ``index_chunk`` rows, one short transaction
 each, the last one also advancing ``meta.indexed``; then it drops the frozen maps. Freezing
 and dropping are O(1) under the log's lock, and appends never touch SQLite (only
@@ -97,6 +97,10 @@ TREE_FILE = "tree.dat"
 COMMIT_FILE = "commit.dat"
 SCHEMA_VERSION = 2
 INDEX_BATCH = 1 << 16
+# While the index is small a flush touches few pages whatever its size, so it comes sooner:
+# after an eighth of the entries indexed so far, at least this many (a 65,536-entry flush
+# on every node at once stalled a saturated consensus network for seconds).
+INDEX_BATCH_MIN = 1 << 13
 INDEX_CHUNK = 1 << 12
 CHECKPOINT_INTERVAL = 1.0  # seconds between the index writer's WAL checkpoints, when idle
 
@@ -200,6 +204,7 @@ class TransparencyLog:
             raise LogLocked(f"{directory} is open in another process; stop it first") from None
         self.directory = directory
         self._index_batch = max(1, index_batch)
+        self._index_batch_min = min(self._index_batch, INDEX_BATCH_MIN)
         self._index_chunk = max(1, index_chunk)
         self._mutex = threading.RLock()
         # Held by the index writer for a whole flush; verify_integrity takes it to see the
@@ -647,7 +652,7 @@ class TransparencyLog:
             self._size = size
             self._records_end = end
             self._frontier = frontier
-            due = size - self._indexed >= self._index_batch
+            due = size - self._indexed >= self._flush_due()
         if due:
             with self._wake:
                 self._wake.notify_all()
@@ -667,7 +672,7 @@ class TransparencyLog:
         assert db is not None
         while True:
             with self._wake:
-                while not self._closing and self._size - self._indexed < self._index_batch:
+                while not self._closing and self._size - self._indexed < self._flush_due():
                     if not self._wake.wait(timeout=CHECKPOINT_INTERVAL):
                         break
                 if self._closing:
@@ -684,6 +689,11 @@ class TransparencyLog:
                 _logger.exception("ledger: writing the lookup indexes failed; will retry")
                 time.sleep(CHECKPOINT_INTERVAL)
 
+    def _flush_due(self) -> int:
+        """Pending entries that start a flush: ``index_batch``, or fewer while the index is
+        small (an eighth of the entries indexed, at least ``INDEX_BATCH_MIN``)."""
+        return max(self._index_batch_min, min(self._index_batch, self._indexed // 8))
+
     def wait_for_indexes(self) -> None:
         """Write every pending entry to the lookup indexes now, in this thread (tests,
         benchmarks and tools that want the indexes at rest)."""
@@ -696,7 +706,7 @@ class TransparencyLog:
         with self._mutex:
             if self._frozen is None:  # else: a flush that failed part way, retried
                 pending = self._size - self._indexed
-                if pending == 0 or (not everything and pending < self._index_batch):
+                if pending == 0 or (not everything and pending < self._flush_due()):
                     return
                 self._frozen, self._live = self._live, _Pending()
             frozen = self._frozen

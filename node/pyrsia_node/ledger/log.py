@@ -38,9 +38,10 @@ The lookup indexes (record hash -> index, package id -> indexes; B-trees keyed b
 hashes, every hit checked against the entry) are derived data, kept off the append's
 critical path: ``append`` only adds each entry to in-memory maps of pending entries, and
 a background thread with its own SQLite connection writes them once ``index_batch`` are
-pending (fewer while the index is small: ``_flush_due``). A flush freezes the pending maps (appends go on into fresh ones), sorts their rows
-by key and inserts them in key-range slices of ``index_chunk`` rows, one short transaction
-each, the last one also advancing ``meta.indexed``; then it drops the frozen maps. Freezing
+pending (fewer while the index is small: ``_flush_due``). A flush freezes the pending
+maps (appends go on into fresh ones), sorts their rows by key and inserts them in key-range
+slices of ``index_chunk`` rows, one short transaction each, the last one also advancing
+``meta.indexed``; then it drops the frozen maps. Freezing
 and dropping are O(1) under the log's lock, and appends never touch SQLite (only
 ``put_checkpoint`` may wait for its write lock, at most one slice). So at every moment
 each entry is in memory or below ``indexed`` in SQLite, and lookups consult both (SQLite

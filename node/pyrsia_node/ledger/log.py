@@ -41,9 +41,9 @@ a background thread with its own SQLite connection writes them once ``index_batc
 pending (fewer while the index is small: ``_flush_due``). A flush freezes the pending
 maps (appends go on into fresh ones), sorts their rows by key and inserts them in key-range
 slices of ``index_chunk`` rows, one short transaction each, the last one also advancing
-``meta.indexed``; then it drops the frozen maps. Freezing
-and dropping are O(1) under the log's lock, and appends never touch SQLite (only
-``put_checkpoint`` may wait for its write lock, at most one slice). So at every moment
+``meta.indexed``; then it drops the frozen maps. Freezing and dropping are O(1) under the
+log's lock, and appends never touch SQLite (only ``put_checkpoint`` may wait for its write
+lock, at most one slice). So at every moment
 each entry is in memory or below ``indexed`` in SQLite, and lookups consult both (SQLite
 may also hold rows of a flush in progress: genuine entries, found in memory too; ranges
 are cut at ``indexed``). On open the entries from ``meta.indexed`` on are re-read from the records

@@ -80,6 +80,7 @@ from pyrsia_node.ledger.records import (
     decode_record,
     docker_package_id,
     record_hash,
+    scan_record,
 )
 from pyrsia_node.registry import (
     BuildRejected,
@@ -275,35 +276,52 @@ def check_artifact_record(
     Every attestation must verify against ``validators`` (node id -> public key) and attest
     the same image; at least ``threshold`` authorities must; the record must list exactly
     that image's artifacts in canonical order under its package id."""
-    if record.package_type is not PackageType.DOCKER:
+    return _check_attested(
+        record.package_type,
+        record.package_id,
+        [(a.digest, a.size, a.media_type) for a in record.artifacts],
+        [(e.payload_type, e.payload, e.signatures) for e in record.attestations],
+        validators,
+        threshold,
+    )
+
+
+def _check_attested(
+    package_type: PackageType,
+    package_id: str,
+    listed: Sequence[tuple[str, int, str]],
+    attestations: Iterable[tuple[str, bytes, tuple[tuple[str, bytes], ...]]],
+    validators: Mapping[str, bytes],
+    threshold: int,
+) -> AcquiredImage:
+    """``check_artifact_record`` over the record's fields as ``records.scan_record`` reads
+    them: artifacts as (digest, size, media type), attestations as (payload type, payload,
+    signatures)."""
+    if package_type is not PackageType.DOCKER:
         raise InvalidArtifactRecord(
-            f"{record.package_id}: only docker images are attested by this network"
+            f"{package_id}: only docker images are attested by this network"
         )
     envelopes = []
-    for dsse in record.attestations:
-        # A decoded DsseEnvelope already holds what Envelope.from_json checks (text payload
+    for payload_type, payload, signatures in attestations:
+        # A scanned envelope already holds what Envelope.from_json checks (text payload
         # type and keyids, raw payload and signatures); only the signature count is left.
-        if len(dsse.signatures) != 1:
+        if len(signatures) != 1:
             raise InvalidArtifactRecord(
-                f"{record.package_id}: an attestation envelope carries "
-                f"{len(dsse.signatures)} signatures; expected exactly one (one envelope per "
-                "authority)"
+                f"{package_id}: an attestation envelope carries {len(signatures)} "
+                "signatures; expected exactly one (one envelope per authority)"
             )
-        ((keyid, signature),) = dsse.signatures
-        envelopes.append(Envelope(dsse.payload_type, dsse.payload, keyid, signature))
+        ((keyid, signature),) = signatures
+        envelopes.append(Envelope(payload_type, payload, keyid, signature))
     image = unanimous(envelopes, validators, threshold)
     if image is None:
         raise InvalidArtifactRecord(
-            f"{record.package_id}: {decide(envelopes, validators, threshold).report()}"
+            f"{package_id}: {decide(envelopes, validators, threshold).report()}"
         )
-    if image.reference != record.package_id:
+    if image.reference != package_id:
+        raise InvalidArtifactRecord(f"{package_id}: the attestations are for {image.reference}")
+    if _artifact_fields(image) != tuple(listed):
         raise InvalidArtifactRecord(
-            f"{record.package_id}: the attestations are for {image.reference}"
-        )
-    listed = tuple((a.digest, a.size, a.media_type) for a in record.artifacts)
-    if _artifact_fields(image) != listed:
-        raise InvalidArtifactRecord(
-            f"{record.package_id}: the artifacts differ from what the authorities attested"
+            f"{package_id}: the artifacts differ from what the authorities attested"
         )
     return image
 
@@ -321,14 +339,14 @@ def record_validator(
 
     def valid(data: bytes) -> bool:
         try:
-            record = decode_record(data)
+            scanned = scan_record(data)
         except RecordError:
             return False
-        if not isinstance(record, ArtifactRecord):
+        if scanned is None:  # a governance record
             return True
         current = validators()
         try:
-            image = check_artifact_record(record, current, threshold(len(current)))
+            image = _check_attested(*scanned, current, threshold(len(current)))
         except InvalidArtifactRecord as exc:
             log.warning("refusing artifact record %s: %s", record_hash(data).hex()[:16], exc)
             return False

@@ -18,6 +18,7 @@ from pyrsia_node.attestation import (
     STATEMENT_TYPE,
     AcquiredImage,
     Artifact,
+    Attestation,
     Envelope,
     InvalidSignature,
     MalformedEnvelope,
@@ -299,3 +300,79 @@ def test_unanimous_commits_exactly_what_decide_commits_without_dissent(
     clean = not (decision.rejected or decision.mismatches or decision.equivocations)
     expected = decision.committed if clean else None
     assert unanimous(envelopes, validators(_POOL_KEYS), threshold) == expected
+
+
+def _statement_with(change: object) -> bytes:
+    statement = Attestation(image(), "http://up/x", "2024-05-01T12:00:00Z", "ab" * 32).statement()
+    change(statement)  # type: ignore[operator]
+    return json.dumps(statement).encode()
+
+
+def _set_path(path: tuple[object, ...], value: object) -> object:
+    def change(statement: dict[str, object]) -> None:
+        target: object = statement
+        for key in path[:-1]:
+            target = target[key]  # type: ignore[index]
+        target[path[-1]] = value  # type: ignore[index]
+
+    return change
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (("predicate", "authority"), "", r"predicate\.authority: expected non-empty text"),
+        (("predicate", "authority"), "not-hex", r"predicate\.authority: expected a node id"),
+        (("predicate", "registry"), 7, r"predicate\.registry: expected non-empty text"),
+        (("predicate", "tag"), None, r"predicate\.tag: expected non-empty text"),
+        (("predicate", "source"), "", r"predicate\.source: expected non-empty text"),
+        (("predicate", "time"), [], r"predicate\.time: expected non-empty text"),
+        (("predicate", "root"), "x", r"predicate\.root: expected an object"),
+        (("predicate", "root", "size"), -1, r"negative size -1"),
+        (("predicate", "root", "size"), True, r"predicate\.root\.size: expected an integer"),
+        (("predicate", "root", "mediaType"), 3, r"predicate\.root\.mediaType: expected text"),
+        (("predicate", "root", "digest"), "sha256:AB", r"predicate\.root\.digest: expected"),
+        (("predicate", "blobs", 1, "digest"), "md5:x", r"predicate\.blobs\[1\]\.digest"),
+        (("predicate", "blobs", 2), 5, r"predicate\.blobs\[2\]: expected an object"),
+        (("subject", 0, "digest"), {"sha512": "ab"}, r"subject\[0\]: expected a sha256"),
+        (("subject", 1), "x", r"subject\[1\]: expected a sha256"),
+        (("subject", 2, "digest", "sha256"), "AB" * 32, r"subject\[2\]: expected"),
+        (("subject", 3, "digest", "sha256"), "ab" * 32, "subject digests differ"),
+    ],
+)
+def test_each_statement_field_is_checked_with_its_location(
+    path: tuple[object, ...], value: object, message: str
+) -> None:
+    assert parse_statement(_statement_with(lambda s: None)).image == image()
+    with pytest.raises(MalformedStatement, match=message):
+        parse_statement(_statement_with(_set_path(path, value)))
+
+
+_JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-2, 2**64) | st.text(max_size=70),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=9), inner),
+    max_leaves=6,
+)
+_PATHS = st.sampled_from(
+    [
+        ("predicate", key)
+        for key in ("authority", "registry", "repository", "tag", "source", "time", "root")
+    ]
+    + [("predicate", "root", key) for key in ("digest", "size", "mediaType")]
+    + [("predicate", "blobs", 0), ("predicate", "manifests"), ("subject",)]
+    + [("subject", 0), ("subject", 0, "digest"), ("subject", 0, "digest", "sha256")]
+)
+
+
+@given(_PATHS, _JSON)
+def test_a_statement_with_any_field_replaced_parses_or_is_malformed(
+    path: tuple[object, ...], value: object
+) -> None:
+    """Any other exception, or an image whose digests its subjects do not name, is a bug."""
+    try:
+        parsed = parse_statement(_statement_with(_set_path(path, value)))
+    except MalformedStatement:
+        return
+    subjects = json.loads(_statement_with(_set_path(path, value)))["subject"]
+    assert {"sha256:" + s["digest"]["sha256"] for s in subjects} == parsed.image.digests
+    assert all(isinstance(a.size, int) and a.size >= 0 for a in parsed.image.artifacts)

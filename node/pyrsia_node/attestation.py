@@ -26,7 +26,7 @@ import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from pyrsia_node.identity import Identity, verify_signature
 
@@ -104,14 +104,41 @@ class Artifact:
 
     @classmethod
     def from_dict(cls, where: str, data: object) -> Artifact:
-        if not isinstance(data, dict):
-            raise MalformedStatement(f"{where}: expected an object, got {data!r}")
-        size, media_type = data.get("size"), data.get("mediaType")
-        if not isinstance(size, int) or isinstance(size, bool):
-            raise MalformedStatement(f"{where}.size: expected an integer, got {size!r}")
-        if not isinstance(media_type, str):
-            raise MalformedStatement(f"{where}.mediaType: expected text, got {media_type!r}")
-        return cls(_check_digest(f"{where}.digest", data.get("digest")), size, media_type)
+        return _artifact_from(data, where)
+
+
+def _artifact_from(data: object, where: str, index: int | None = None) -> Artifact:
+    """``Artifact.from_dict`` at ``where`` (``where[index]`` in a list). The success path,
+    every statement's, formats no location and checks the digest once (the constructor's
+    checks are the ones made here)."""
+    if type(data) is dict:
+        digest, size, media_type = data.get("digest"), data.get("size"), data.get("mediaType")
+        if (
+            type(digest) is str
+            and _DIGEST.match(digest)
+            and type(size) is int
+            and size >= 0
+            and type(media_type) is str
+        ):
+            artifact: Artifact = object.__new__(Artifact)
+            _set(artifact, "digest", digest)
+            _set(artifact, "size", size)
+            _set(artifact, "media_type", media_type)
+            return artifact
+    if index is not None:
+        where = f"{where}[{index}]"
+    if not isinstance(data, dict):
+        raise MalformedStatement(f"{where}: expected an object, got {data!r}")
+    size, media_type = data.get("size"), data.get("mediaType")
+    if not isinstance(size, int) or isinstance(size, bool):
+        raise MalformedStatement(f"{where}.size: expected an integer, got {size!r}")
+    if not isinstance(media_type, str):
+        raise MalformedStatement(f"{where}.mediaType: expected text, got {media_type!r}")
+    return Artifact(_check_digest(f"{where}.digest", data.get("digest")), size, media_type)
+
+
+_set = object.__setattr__
+_SixTexts = tuple[str, str, str, str, str, str]
 
 
 @dataclass(frozen=True, slots=True)
@@ -309,49 +336,63 @@ def _parse_statement(payload: bytes) -> Attestation:
     manifests, blobs = predicate.get("manifests"), predicate.get("blobs")
     if not isinstance(manifests, list) or not isinstance(blobs, list):
         raise MalformedStatement("predicate: 'manifests' and 'blobs' must be lists")
-    authority = _field("predicate", predicate, "authority")
+    get = predicate.get
+    texts = (
+        get("authority"),
+        get("registry"),
+        get("repository"),
+        get("tag"),
+        get("source"),
+        get("time"),
+    )
+    if not all(type(text) is str and text for text in texts):
+        for key in ("authority", "registry", "repository", "tag", "source", "time"):
+            _field("predicate", predicate, key)  # raises for the first one missing
+    authority, registry, repository, tag, source, moment = cast(_SixTexts, texts)
     if not _NODE_ID.match(authority):
         raise MalformedStatement(f"predicate.authority: expected a node id, got {authority!r}")
     image = AcquiredImage(
-        _field("predicate", predicate, "registry"),
-        _field("predicate", predicate, "repository"),
-        _field("predicate", predicate, "tag"),
-        Artifact.from_dict("predicate.root", predicate.get("root")),
+        registry,
+        repository,
+        tag,
+        _artifact_from(get("root"), "predicate.root"),
         _artifacts("predicate.manifests", manifests),
         _artifacts("predicate.blobs", blobs),
     )
     subjects = doc.get("subject")
     if not isinstance(subjects, list):
         raise MalformedStatement("subject: expected a list")
-    subject_digests: set[str] = set()
-    for i, subject in enumerate(subjects):
-        digest = subject.get("digest") if isinstance(subject, dict) else None
-        sha256 = digest.get("sha256") if isinstance(digest, dict) else None
-        if not isinstance(sha256, str):
-            raise MalformedStatement(f"subject[{i}]: expected a sha256 digest")
-        full = "sha256:" + sha256
-        if not _DIGEST.match(full):
-            _check_digest(f"subject[{i}]", full)  # raises, with the message
-        subject_digests.add(full)
     digests = image.digests
+    try:
+        subject_digests = {"sha256:" + subject["digest"]["sha256"] for subject in subjects}
+    except (TypeError, KeyError):
+        subject_digests = set()  # not this shape: the checks below say what is wrong
     if subject_digests != digests:
-        raise MalformedStatement(
-            "subject digests differ from the predicate's manifests and blobs: "
-            f"only in subjects {sorted(subject_digests - digests)}, "
-            f"only in predicate {sorted(digests - subject_digests)}"
-        )
-    return Attestation(
-        image,
-        _field("predicate", predicate, "source"),
-        _field("predicate", predicate, "time"),
-        authority,
-    )
+        # Equal sets need no more checks (the artifacts' digests are checked); else the
+        # subjects are checked one by one, then compared, for the first error's message.
+        subject_digests = set()
+        for i, subject in enumerate(subjects):
+            digest = subject.get("digest") if isinstance(subject, dict) else None
+            sha256 = digest.get("sha256") if isinstance(digest, dict) else None
+            if not isinstance(sha256, str):
+                raise MalformedStatement(f"subject[{i}]: expected a sha256 digest")
+            full = "sha256:" + sha256
+            if not _DIGEST.match(full):
+                _check_digest(f"subject[{i}]", full)  # raises, with the message
+            subject_digests.add(full)
+        if subject_digests != digests:
+            raise MalformedStatement(
+                "subject digests differ from the predicate's manifests and blobs: "
+                f"only in subjects {sorted(subject_digests - digests)}, "
+                f"only in predicate {sorted(digests - subject_digests)}"
+            )
+    return Attestation(image, source, moment, authority)
 
 
 def _artifacts(where: str, items: list[Any]) -> tuple[Artifact, ...]:
     if not items:
         return ()
-    return tuple(Artifact.from_dict(f"{where}[{i}]", item) for i, item in enumerate(items))
+    return tuple(_artifact_from(item, where, i) for i, item in enumerate(items))
 
 
 def verify(envelope: Envelope, validators: Mapping[str, bytes]) -> Attestation:

@@ -7,6 +7,7 @@ server (plaintext on loopback; mutual TLS is the node server's business).
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -42,6 +43,7 @@ from pyrsia_node.consensus.wire import compact_proposal_to_pb, hello_signing_byt
 from pyrsia_node.genesis import Authority, Genesis
 from pyrsia_node.identity import Identity
 from pyrsia_node.ledger import TransparencyLog, verify_checkpoint
+from pyrsia_node.ledger.checkpoint import Checkpoint, origin_for, sign
 from pyrsia_node.ledger.records import (
     IN_TOTO_PAYLOAD_TYPE,
     Artifact,
@@ -426,6 +428,81 @@ class RecordingTransport:
 
     async def close(self) -> None:
         return None
+
+
+class ThreadCheckingTransport(RecordingTransport):
+    """Records broadcasts, and from which thread they came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.threads: set[int] = set()
+
+    def broadcast(self, envelope: pb.ConsensusEnvelope) -> None:
+        self.threads.add(threading.get_ident())
+        super().broadcast(envelope)
+
+
+async def test_each_commit_is_cosigned_in_order_off_the_core_and_from_the_event_loop(
+    tmp_path: Path,
+) -> None:
+    """A lone authority commits block after block. The cosigner signs each block's
+    checkpoint (the log's size and root at that commit, even when the log has grown since),
+    stores it with any cosignature that arrived before it, and broadcasts from the event
+    loop's thread (the transport's queues are not thread-safe)."""
+    node = await make_node(tmp_path, "authority-0")
+    other = Identity.generate()
+    genesis = Genesis(
+        chain_id=CHAIN,
+        genesis_time="2026-01-01T00:00:00Z",
+        governance_public_key=Identity.generate().public_key,
+        authorities=(
+            Authority("authority-0", node.identity.public_key, node.address, "127.0.0.1:1"),
+        ),
+        ca_certificate="",
+    )
+    initialize_state(node.directory / "consensus")
+    ledger = TransparencyLog(node.directory / "ledger")
+    transport = ThreadCheckingTransport()
+    service = ConsensusService(
+        node.identity,
+        genesis,
+        node.directory / "consensus",
+        ledger,
+        transport,
+        config=ConsensusConfig(CHAIN, timeouts=TIMEOUTS),
+    )
+    await service.start()
+    try:
+        for i in range(1, 4):
+            service.submit(record(i))
+            await wait_for(lambda i=i: ledger.size >= i)
+        await wait_for(lambda: len([e for e in transport.sent if e.HasField("cosignature")]) >= 3)
+        cosigned = [e.cosignature for e in transport.sent if e.HasField("cosignature")]
+        assert [c.tree_size for c in cosigned] == sorted(c.tree_size for c in cosigned)
+        keys = [("authority-0", node.identity.public_key)]
+        for c in cosigned:
+            assert c.root == ledger.root(c.tree_size)
+            note = ledger.checkpoint(c.tree_size)
+            assert note is not None
+            verify_checkpoint(note, keys, 1)
+        assert transport.threads == {threading.get_ident()}
+        # A checkpoint cosigned while the log had already grown: the note is for its size.
+        size = ledger.size
+        service._names[other.public_key] = "observer"  # a second signer
+        early = Checkpoint(origin_for(CHAIN), size, ledger.root(size))
+        service._cosignatures[size] = [(other.public_key, sign(early, "observer", other))]
+        service.submit(record(9))
+        await wait_for(lambda: ledger.size > size)
+        envelope = service._cosign(7, early)  # the cosigner step, late
+        assert envelope.cosignature.tree_size == size
+        note = ledger.checkpoint(size)
+        assert note is not None
+        # Ours and the early one, for the old size.
+        verify_checkpoint(note, [*keys, ("observer", other.public_key)], 2)
+    finally:
+        await service.stop()
+        await node.server.stop(None)
+        ledger.close()
 
 
 async def test_submitted_records_are_gossiped_to_authorities_and_admitted_from_them(

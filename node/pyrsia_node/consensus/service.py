@@ -6,10 +6,11 @@ the actions it returns, in order:
 
 * `Persist` is awaited (fsync in a thread) before any later action runs, so no signed
   message leaves before its write-ahead state is durable;
-* `Commit` appends the block and certificate to the block store, the block's records to
-  the transparency log, then cosigns the log's new checkpoint and broadcasts the
-  cosignature; cosignatures from other authorities are verified and merged into the
-  stored checkpoint note;
+* `Commit` appends the block and certificate to the block store and the block's records to
+  the transparency log; the log's new checkpoint is then cosigned and the cosignature
+  broadcast by the cosigner task, in commit order but off the core's path (signing and
+  storing the note waited for a thread while the next height could already run);
+  cosignatures from other authorities are verified and merged into the stored note;
 * `Broadcast` goes to every other authority through the transport; `RequestSync` fetches
   committed blocks from a peer and feeds them back as `CommitReceived`.
 
@@ -50,6 +51,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from functools import lru_cache, partial
@@ -392,6 +394,11 @@ class ConsensusService:
         self._addresses = {a.public_key: a.grpc_address for a in genesis.authorities}
         self._names = {a.public_key: a.name for a in genesis.authorities}
         self._cosignatures: dict[int, list[tuple[bytes, NoteSignature]]] = {}
+        # (height, checkpoint) of each commit for the cosigner task, in commit order.
+        # `_note_lock`: a note's stored signatures are read, merged and written back by
+        # the cosigner's thread and by `_on_cosignature`, one at a time.
+        self._note_lock = threading.Lock()
+        self._to_cosign: asyncio.Queue[tuple[int, Checkpoint]] = asyncio.Queue()
         self.equivocations = 0
         self._on_commit = on_commit
         self.metrics = ConsensusMetrics(registry or CollectorRegistry(), self.mempool.__len__)
@@ -509,6 +516,8 @@ class ConsensusService:
         self.metrics.height.set(self._blocks.height)
         self._update_transport()
         self._tasks.append(asyncio.create_task(self._run(), name="consensus-core"))
+        if self.ledger is not None:
+            self._tasks.append(asyncio.create_task(self._cosigner(), name="consensus-cosign"))
         if not self.is_validator():
             self._tasks.append(asyncio.create_task(self._follow(), name="consensus-follow"))
         self._events.put_nowait(_START)
@@ -866,8 +875,12 @@ class ConsensusService:
             len(block.records),
             cert.round,
         )
-        if self.ledger is not None and self.identity.public_key in self._names:
-            await asyncio.to_thread(self._cosign, block.height)
+        ledger = self.ledger
+        if ledger is not None and self.identity.public_key in self._names:
+            # The checkpoint of this block's log: the log may have grown by the time the
+            # cosigner gets to it.
+            checkpoint = Checkpoint(origin_for(self.genesis.chain_id), ledger.size, ledger.root())
+            self._to_cosign.put_nowait((block.height, checkpoint))
 
     def _observe_commit(self, block: Block) -> None:
         metrics = self.metrics
@@ -920,28 +933,40 @@ class ConsensusService:
 
     # Checkpoints ------------------------------------------------------------------------
 
-    def _cosign(self, height: int) -> None:
+    async def _cosigner(self) -> None:
+        """Cosign each committed block's checkpoint, in commit order (`_cosign` in a thread),
+        and broadcast the cosignature. A failure to store the note stops it, and with it
+        `healthy`, as it stopped the core when cosigning was part of the commit."""
+        while True:
+            height, checkpoint = await self._to_cosign.get()
+            envelope = await asyncio.to_thread(self._cosign, height, checkpoint)
+            self.transport.broadcast(envelope)
+
+    def _cosign(self, height: int, checkpoint: Checkpoint) -> pb.ConsensusEnvelope:
+        """Sign `checkpoint` (the log after block `height`), merge the cosignatures that
+        arrived before it and store the note; the envelope to broadcast."""
         ledger = self.ledger
         assert ledger is not None
         name = self._names[self.identity.public_key]
-        checkpoint = Checkpoint(origin_for(self.genesis.chain_id), ledger.size, ledger.root())
         own = sign(checkpoint, name, self.identity)
-        note = self._stored_note(checkpoint) or SignedNote(checkpoint.body(), ())
-        note = note.with_signature(own)
-        for signer, signature in self._cosignatures.pop(checkpoint.size, []):
-            if self._cosignature_valid(checkpoint, signer, signature):
+        early = [
+            signature
+            for signer, signature in self._cosignatures.pop(checkpoint.size, [])
+            if self._cosignature_valid(checkpoint, signer, signature)
+        ]
+        with self._note_lock:
+            note = self._stored_note(checkpoint) or SignedNote(checkpoint.body(), ())
+            for signature in [own, *early]:
                 note = note.with_signature(signature)
-        ledger.put_checkpoint(note.format())
-        self.transport.broadcast(
-            pb.ConsensusEnvelope(
-                cosignature=pb.CheckpointCosignature(
-                    height=height,
-                    tree_size=checkpoint.size,
-                    root=checkpoint.root,
-                    name=own.name,
-                    key_id=own.key_id,
-                    signature=own.signature,
-                )
+            ledger.put_checkpoint(note.format())
+        return pb.ConsensusEnvelope(
+            cosignature=pb.CheckpointCosignature(
+                height=height,
+                tree_size=checkpoint.size,
+                root=checkpoint.root,
+                name=own.name,
+                key_id=own.key_id,
+                signature=own.signature,
             )
         )
 
@@ -985,8 +1010,9 @@ class ConsensusService:
                 return
             if not self._cosignature_valid(checkpoint, sender, signature):
                 return
-            note = self._stored_note(checkpoint) or SignedNote(checkpoint.body(), ())
-            ledger.put_checkpoint(note.with_signature(signature).format())
+            with self._note_lock:
+                note = self._stored_note(checkpoint) or SignedNote(checkpoint.body(), ())
+                ledger.put_checkpoint(note.with_signature(signature).format())
         except (CheckpointError, LogError) as exc:
             log.warning("consensus: cosignature for size %d dropped: %s", message.tree_size, exc)
 

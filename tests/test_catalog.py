@@ -16,7 +16,7 @@ from pyrsia_node.catalog import CatalogError, LedgerCatalog, record_image
 from pyrsia_node.identity import Identity
 from pyrsia_node.ledger import TransparencyLog
 from pyrsia_node.ledger.records import ArtifactRecord, GovernanceAction, GovernanceRecord
-from pyrsia_node.registry import RepositoryName
+from pyrsia_node.registry import ImageCatalog, RepositoryName
 
 NOW = dt.datetime(2026, 1, 2, tzinfo=dt.UTC)
 ALPINE = RepositoryName("docker.io", "library/alpine")
@@ -171,3 +171,42 @@ async def test_only_the_latest_checked_images_are_kept(
     catalog.committed(0, records)
     await catalog.refresh()
     assert (await catalog.tags(ALPINE)) == ["1.0", "2.0"]
+
+
+async def test_a_large_refresh_lets_the_event_loop_run_between_slices(
+    ledger: TransparencyLog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Indexing a block of many images yields every ADD_SLICE images (consensus runs on the
+    same loop); every image is indexed in the end, and the size moves only at the end."""
+    monkeypatch.setattr(catalog_module, "ADD_SLICE", 4)
+    catalog = LedgerCatalog(ledger)
+    seen = [image(f"v{i}", root=200 + i, layer=2) for i in range(10)]
+    records = [record_bytes(s) for s in seen]
+    for data, s in zip(records, seen, strict=True):
+        catalog.checked(data, s)
+    ledger.append(records)
+    catalog.committed(0, records)
+    ticks = 0
+    at_add: list[tuple[int, int]] = []  # (ticks of the other task, catalog size) per image
+    add = ImageCatalog.add
+
+    def counting_add(self: ImageCatalog, image: AcquiredImage) -> None:
+        at_add.append((ticks, catalog.size))
+        add(self, image)
+
+    monkeypatch.setattr(ImageCatalog, "add", counting_add)
+
+    async def other_work() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(other_work())
+    await catalog.refresh()
+    other.cancel()
+    # Three slices (4 + 4 + 2 images): the other task ran between them, not within one.
+    assert [t for t, _ in at_add] == [at_add[0][0]] * 4 + [at_add[4][0]] * 4 + [at_add[8][0]] * 2
+    assert at_add[0][0] < at_add[4][0] < at_add[8][0]
+    assert {size for _, size in at_add} == {0} and catalog.size == 10
+    assert (await catalog.tags(ALPINE)) == sorted(f"v{i}" for i in range(10))

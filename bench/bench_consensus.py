@@ -53,9 +53,11 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
+from prometheus_client.parser import text_string_to_metric_families
 from pyrsia.v1 import consensus_pb2 as pb
 from pyrsia.v1 import consensus_pb2_grpc as pb_grpc
 from pyrsia_node import attestation, tls
@@ -63,6 +65,7 @@ from pyrsia_node.attestation import AcquiredImage, attest
 from pyrsia_node.build import artifact_record
 from pyrsia_node.consensus import Block, CommitCertificate, ConsensusConfig, Timeouts
 from pyrsia_node.consensus.mempool import MempoolLimits
+from pyrsia_node.consensus.metrics import STEPS
 from pyrsia_node.consensus.service import ConsensusService, GrpcTransport, initialize_state
 from pyrsia_node.genesis import Authority, Genesis
 from pyrsia_node.identity import Identity
@@ -281,6 +284,23 @@ def start_profilers(net: LocalNetwork, directory: Path) -> list[subprocess.Popen
     ]
 
 
+def step_seconds(net: LocalNetwork, names: list[str]) -> dict[str, float]:
+    """Seconds the nodes `names` spent in each consensus step so far, summed
+    (`pyrsia_consensus_step_seconds` from their metrics endpoints)."""
+    totals = dict.fromkeys(STEPS, 0.0)
+    for name in names:
+        node = net.node(name)
+        url = f"http://{node.host}:{node.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=5) as response:
+            text = response.read().decode()
+        for family in text_string_to_metric_families(text):
+            if family.name == "pyrsia_consensus_step_seconds":
+                for sample in family.samples:
+                    if sample.name.endswith("_sum"):
+                        totals[sample.labels["step"]] += sample.value
+    return totals
+
+
 STEADY_AFTER = 2.0  # seconds after the first offer: the start-up blocks are past
 
 
@@ -366,6 +386,7 @@ async def run_processes(
             rejected.extend(r.reason for r in response.results if not r.accepted)
 
         pids = [net.processes[name].pid for name in names]
+        steps_before = step_seconds(net, names)
         cpu_before = [cpu_seconds(pid) for pid in pids]
         client_before = resource.getrusage(resource.RUSAGE_SELF)
         profilers = [] if profile is None else start_profilers(net, profile)
@@ -391,6 +412,7 @@ async def run_processes(
         while committed < total - len(rejected) and time.perf_counter() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
         client_after = resource.getrusage(resource.RUSAGE_SELF)
+        steps_after = step_seconds(net, names)
         client_cpu = (client_after.ru_utime - client_before.ru_utime) + (
             client_after.ru_stime - client_before.ru_stime
         )
@@ -442,6 +464,12 @@ async def run_processes(
         "node_system_cpu_seconds": system,
         "client_cpu_seconds": client_cpu,
         "cpu_ms_per_record_per_authority": 1000 * (user + system) / authorities / max(committed, 1),
+        # Where a height's time goes, per authority (pyrsia_consensus_step_seconds): commit
+        # is part of new_height, which also holds the pause before round 0.
+        "step_ms_per_height": {
+            step: 1000 * (steps_after[step] - steps_before[step]) / authorities / max(blocks, 1)
+            for step in STEPS
+        },
         "reference_log_append_per_second": reference,
         "ratio_to_reference": throughput / reference,
     }

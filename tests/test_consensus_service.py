@@ -205,6 +205,19 @@ async def test_consensus_metrics_follow_commits_and_pending_records(
     assert sample(registry, "pyrsia_consensus_commit_latency_seconds_count") == 4
     assert 0 < sample(registry, "pyrsia_consensus_commit_latency_seconds_sum") < 4 * 20
     assert sample(registry, "pyrsia_consensus_round_changes_total") >= 0
+    # Each height went through every step (a step passed within one event counts as 0 s);
+    # a commit's writes are part of new_height.
+    height = node.service.height
+
+    def step(name: str, kind: str) -> float:
+        value = registry.get_sample_value(f"pyrsia_consensus_step_seconds_{kind}", {"step": name})
+        assert value is not None, name
+        return value
+
+    for name in ("new_height", "propose", "prevote", "precommit", "commit"):
+        assert step(name, "count") >= height, name
+        assert step(name, "sum") < 20 * step(name, "count"), name
+    assert 0 < step("commit", "sum") < step("new_height", "sum")
     # Latency is measured where a record was submitted, not where gossip brought it.
     other = authorities[0].registry
     await wait_for(lambda: sample(other, "pyrsia_consensus_committed_records_total") == 4)

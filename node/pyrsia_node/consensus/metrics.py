@@ -2,9 +2,10 @@
 
 `PyrsiaLedgerStalled` fires when `pyrsia_ledger_height` has not changed for a while and
 `pyrsia_consensus_pending_records` is above zero; the "network health" dashboard plots the
-height, the p50/p99 of `pyrsia_consensus_commit_latency_seconds` and the rate of
-`pyrsia_consensus_round_changes_total`. Labels never carry peer ids or artifact names:
-these metrics carry no labels at all.
+height, the p50/p99 of `pyrsia_consensus_commit_latency_seconds`, the rate of
+`pyrsia_consensus_round_changes_total` and the mean time per step of
+`pyrsia_consensus_step_seconds`. Labels never carry peer ids or artifact names: the only
+labels are the step of a height and a follower's reason to switch sources.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ LATENCY_BUCKETS = (
     30.0,
     60.0,
 )
+
+
+# A step lasts from a few milliseconds to a timeout (seconds, growing with the round).
+STEP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+STEPS = ("new_height", "propose", "prevote", "precommit", "commit")
 
 
 class ConsensusMetrics:
@@ -71,6 +77,18 @@ class ConsensusMetrics:
             ["reason"],
             registry=registry,
         )
+        self.step_seconds = Histogram(
+            "pyrsia_consensus_step_seconds",
+            "Time this node spent in each step of a height, until it moved on: new_height "
+            "(from the decision: the commit's writes and the pause before round 0), propose "
+            "(until it prevoted), prevote (until it precommitted), precommit (until a "
+            "decision or the next round); commit: the commit's writes alone",
+            ["step"],
+            buckets=STEP_BUCKETS,
+            registry=registry,
+        )
+        for step in STEPS:
+            self.step_seconds.labels(step)
         self.equivocations = Counter(
             "pyrsia_consensus_equivocations_total",
             "Conflicting, validly signed messages seen from one validator key for one slot",

@@ -388,6 +388,8 @@ class ConsensusService:
         self._core: ConsensusCore | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
         self._timers: set[asyncio.TimerHandle] = set()
+        # When the core entered its current step (`pyrsia_consensus_step_seconds`).
+        self._since = clock()
         self._tasks: list[asyncio.Task[None]] = []
         self._sync_task: asyncio.Task[None] | None = None
         self._new_block = asyncio.Condition()
@@ -790,9 +792,11 @@ class ConsensusService:
                     continue
             elif isinstance(event, RecordsSubmitted):
                 event = RecordsSubmitted(tuple(r for r in event.records if r in self.mempool))
-            height, round_ = core.height, core.round
+            height, round_, step = core.height, core.round, core.step
             actions = core.start() if event is _START else core.handle(event)
             self._count_round_changes(height, round_)
+            if (core.height, core.round, core.step) != (height, round_, step):
+                self._time_step(step, (core.height, core.round) == (height, round_), core.step)
             try:
                 await self._execute(actions)
             except Exception:
@@ -801,6 +805,16 @@ class ConsensusService:
                     "consensus stopped at height %d: an action failed", core.height, exc_info=True
                 )
                 raise
+
+    def _time_step(self, left: Step, same_round: bool, entered: Step) -> None:
+        """The core left step `left` for `entered`: observe the time spent in `left`, and
+        none in the steps of the same round it went through within one event."""
+        now = self._clock()
+        steps = self.metrics.step_seconds
+        steps.labels(_STEP_NAMES[left]).observe(now - self._since)
+        for skipped in range(left + 1, entered) if same_round else ():
+            steps.labels(_STEP_NAMES[Step(skipped)]).observe(0.0)
+        self._since = now
 
     def _count_round_changes(self, height: int, round_: int) -> None:
         core = self.core
@@ -855,6 +869,7 @@ class ConsensusService:
         self._timers.add(handle)
 
     async def _commit(self, block: Block, cert: CommitCertificate) -> None:
+        started = self._clock()
         await asyncio.to_thread(self._persist_commit, block, cert)
         self.mempool.committed(block.records)
         in_force = self.authorities_in_force()
@@ -867,6 +882,7 @@ class ConsensusService:
             self._on_commit(block, cert)
         self._learn_authorities(block)
         self._update_transport()
+        self.metrics.step_seconds.labels("commit").observe(self._clock() - started)
         async with self._new_block:
             self._new_block.notify_all()
         log.info(
@@ -1181,6 +1197,7 @@ def _canonical_record(record: bytes) -> bool:
     return True
 
 
+_STEP_NAMES = {step: step.name.lower() for step in Step}
 _START: Event = RecordSubmitted(b"")  # sentinel: the first event starts the core
 
 

@@ -205,8 +205,7 @@ async def test_consensus_metrics_follow_commits_and_pending_records(
     assert sample(registry, "pyrsia_consensus_commit_latency_seconds_count") == 4
     assert 0 < sample(registry, "pyrsia_consensus_commit_latency_seconds_sum") < 4 * 20
     assert sample(registry, "pyrsia_consensus_round_changes_total") >= 0
-    # Each height went through every step (a step passed within one event counts as 0 s);
-    # a commit's writes are part of new_height.
+    # Each height went through every step (a step passed within one event counts as 0 s).
     height = node.service.height
 
     def step(name: str, kind: str) -> float:
@@ -217,7 +216,7 @@ async def test_consensus_metrics_follow_commits_and_pending_records(
     for name in ("new_height", "propose", "prevote", "precommit", "commit"):
         assert step(name, "count") >= height, name
         assert step(name, "sum") < 20 * step(name, "count"), name
-    assert 0 < step("commit", "sum") < step("new_height", "sum")
+    assert step("commit", "sum") > 0
     # Latency is measured where a record was submitted, not where gossip brought it.
     other = authorities[0].registry
     await wait_for(lambda: sample(other, "pyrsia_consensus_committed_records_total") == 4)

@@ -39,6 +39,7 @@ from pyrsia_node.consensus.service import (
     initialize_state,
 )
 from pyrsia_node.consensus.validators import GENESIS_PREV_HASH
+from pyrsia_node.consensus.wal import Step
 from pyrsia_node.consensus.wire import compact_proposal_to_pb, hello_signing_bytes
 from pyrsia_node.genesis import Authority, Genesis
 from pyrsia_node.identity import Identity
@@ -549,6 +550,46 @@ async def test_submitted_records_are_gossiped_to_authorities_and_admitted_from_t
         await service.stop()
         for n in nodes:
             await n.server.stop(None)
+
+
+def test_each_step_counts_once_per_round_even_when_passed_within_one_event(
+    tmp_path: Path,
+) -> None:
+    now = [0.0]
+    identity = Identity.generate()
+    genesis = Genesis(
+        chain_id=CHAIN,
+        genesis_time="2026-01-01T00:00:00Z",
+        governance_public_key=Identity.generate().public_key,
+        authorities=(Authority("authority-0", identity.public_key, "127.0.0.1:1", "x:1"),),
+        ca_certificate="",
+    )
+    service = ConsensusService(
+        identity, genesis, tmp_path, None, RecordingTransport(), clock=lambda: now[0]
+    )
+    registry = service.metrics.step_seconds
+
+    def observed() -> dict[str, tuple[float, float]]:
+        return {
+            step: (
+                registry.labels(step)._sum.get(),  # type: ignore[attr-defined]
+                sum(b.get() for b in registry.labels(step)._buckets),  # type: ignore[attr-defined]
+            )
+            for step in ("new_height", "propose", "prevote", "precommit")
+        }
+
+    now[0] = 1.0  # propose -> precommit in one event: prevote counted as 0 s
+    service._time_step(Step.PROPOSE, Step.PRECOMMIT, new_round=False, new_height=False)
+    now[0] = 3.0  # precommit -> the next round's prevote: its propose step counted as 0 s
+    service._time_step(Step.PRECOMMIT, Step.PREVOTE, new_round=True, new_height=False)
+    now[0] = 3.5  # prevote -> a decision: the rest of the round, then the new height
+    service._time_step(Step.PREVOTE, Step.NEW_HEIGHT, new_round=True, new_height=True)
+    assert observed() == {
+        "new_height": (0.0, 0),
+        "propose": (1.0, 2),
+        "prevote": (0.5, 2),
+        "precommit": (2.0, 2),
+    }
 
 
 async def test_validator_without_write_ahead_state_starts_guarded(tmp_path: Path) -> None:

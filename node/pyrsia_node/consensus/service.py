@@ -796,7 +796,8 @@ class ConsensusService:
             actions = core.start() if event is _START else core.handle(event)
             self._count_round_changes(height, round_)
             if (core.height, core.round, core.step) != (height, round_, step):
-                self._time_step(step, (core.height, core.round) == (height, round_), core.step)
+                new_height = core.height != height
+                self._time_step(step, core.step, new_height or core.round != round_, new_height)
             try:
                 await self._execute(actions)
             except Exception:
@@ -806,14 +807,20 @@ class ConsensusService:
                 )
                 raise
 
-    def _time_step(self, left: Step, same_round: bool, entered: Step) -> None:
-        """The core left step `left` for `entered`: observe the time spent in `left`, and
-        none in the steps of the same round it went through within one event."""
+    def _time_step(self, left: Step, entered: Step, new_round: bool, new_height: bool) -> None:
+        """The core left step `left` for `entered`: observe the time spent in `left`, and 0 s
+        for each step it went through within the same event (the rest of the round it left,
+        the steps of the new round before `entered`), so each step counts once per round."""
         now = self._clock()
         steps = self.metrics.step_seconds
         steps.labels(_STEP_NAMES[left]).observe(now - self._since)
-        for skipped in range(left + 1, entered) if same_round else ():
-            steps.labels(_STEP_NAMES[Step(skipped)]).observe(0.0)
+        if new_round:
+            first = Step.NEW_HEIGHT if new_height else Step.PROPOSE
+            skipped = [*range(left + 1, Step.PRECOMMIT + 1), *range(first, entered)]
+        else:
+            skipped = list(range(left + 1, entered))
+        for step in skipped:
+            steps.labels(_STEP_NAMES[Step(step)]).observe(0.0)
         self._since = now
 
     def _count_round_changes(self, height: int, round_: int) -> None:

@@ -22,11 +22,16 @@ from pyrsia.v1 import consensus_pb2 as pb
 from pyrsia.v1 import consensus_pb2_grpc as pb_grpc
 from pyrsia_node.consensus import (
     Block,
+    Commit,
+    CommitCertificate,
     ConsensusConfig,
     MessageKind,
     Proposal,
     ProposalReceived,
     RecordSubmitted,
+    ScheduleTimeout,
+    Timeout,
+    TimeoutKind,
     Timeouts,
     signing_bytes,
 )
@@ -590,6 +595,39 @@ def test_each_step_counts_once_per_round_even_when_passed_within_one_event(
         "prevote": (0.5, 2),
         "precommit": (2.0, 2),
     }
+
+
+async def test_a_timer_starts_before_the_writes_listed_with_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The pause before the next height runs from the decision, overlapping the commit's
+    writes (CometBFT's timeout_commit runs from the commit time), not after them."""
+    identity = Identity.generate()
+    genesis = Genesis(
+        chain_id=CHAIN,
+        genesis_time="2026-01-01T00:00:00Z",
+        governance_public_key=Identity.generate().public_key,
+        authorities=(Authority("authority-0", identity.public_key, "127.0.0.1:1", "x:1"),),
+        ca_certificate="",
+    )
+    service = ConsensusService(identity, genesis, tmp_path, None, RecordingTransport())
+    order: list[str] = []
+
+    async def slow_commit(block: Block, cert: CommitCertificate) -> None:
+        order.append("commit")
+        await asyncio.sleep(0.05)
+
+    def schedule(loop: asyncio.AbstractEventLoop, action: ScheduleTimeout) -> None:
+        order.append(f"timer {action.timeout.kind.name}")
+
+    monkeypatch.setattr(service, "_commit", slow_commit)
+    monkeypatch.setattr(service, "_schedule", schedule)
+    block = Block(CHAIN, 1, GENESIS_PREV_HASH, identity.public_key, (record(1),))
+    pause = Timeout(TimeoutKind.NEW_HEIGHT, 2, 0)
+    await service._execute(
+        [Commit(block, CommitCertificate(1, 0, block.hash, ())), ScheduleTimeout(pause, 0.05)]
+    )
+    assert order == ["timer NEW_HEIGHT", "commit"]
 
 
 async def test_validator_without_write_ahead_state_starts_guarded(tmp_path: Path) -> None:

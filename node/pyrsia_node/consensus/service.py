@@ -2,7 +2,8 @@
 
 `ConsensusService` feeds the core events (messages from authenticated streams, fired
 timers, submitted records, synced blocks) one at a time from a single queue and executes
-the actions it returns, in order:
+the actions it returns, in order (timers first: `ScheduleTimeout` starts its timer before
+the writes listed with it, whose end its event waits for anyway):
 
 * `Persist` is awaited (fsync in a thread) before any later action runs, so no signed
   message leaves before its write-ahead state is durable;
@@ -835,6 +836,13 @@ class ConsensusService:
 
     async def _execute(self, actions: list[Action]) -> None:
         loop = asyncio.get_running_loop()
+        # Timers first: a timeout runs from the step that set it, not from the end of the
+        # writes listed before it. So the pause before the next height runs from the
+        # decision and overlaps the commit's writes, as CometBFT's timeout_commit runs from
+        # the commit time. A fired timer's event is handled only after these actions.
+        for action in actions:
+            if isinstance(action, ScheduleTimeout):
+                self._schedule(loop, action)
         for action in actions:
             if isinstance(action, Persist):
                 await asyncio.to_thread(self._wal.append, action.state)
@@ -845,8 +853,6 @@ class ConsensusService:
                     if isinstance(message, Proposal)
                     else message_to_pb(message)
                 )
-            elif isinstance(action, ScheduleTimeout):
-                self._schedule(loop, action)
             elif isinstance(action, Commit):
                 await self._commit(action.block, action.certificate)
             elif isinstance(action, RequestSync):

@@ -113,6 +113,17 @@ def make_genesis(authorities: list[Node]) -> Genesis:
     )
 
 
+def lone_genesis(identity: Identity, grpc_address: str = "127.0.0.1:1") -> Genesis:
+    """A network of one authority, `identity`."""
+    return Genesis(
+        chain_id=CHAIN,
+        genesis_time="2026-01-01T00:00:00Z",
+        governance_public_key=Identity.generate().public_key,
+        authorities=(Authority("authority-0", identity.public_key, grpc_address, "x:1"),),
+        ca_certificate="",
+    )
+
+
 async def start(node: Node, genesis: Genesis) -> ConsensusService:
     node.ledger = TransparencyLog(node.directory / "ledger")
     transport = GrpcTransport(
@@ -469,15 +480,7 @@ async def test_each_commit_is_cosigned_in_order_off_the_core_and_from_the_event_
     loop's thread (the transport's queues are not thread-safe)."""
     node = await make_node(tmp_path, "authority-0")
     other = Identity.generate()
-    genesis = Genesis(
-        chain_id=CHAIN,
-        genesis_time="2026-01-01T00:00:00Z",
-        governance_public_key=Identity.generate().public_key,
-        authorities=(
-            Authority("authority-0", node.identity.public_key, node.address, "127.0.0.1:1"),
-        ),
-        ca_certificate="",
-    )
+    genesis = lone_genesis(node.identity, node.address)
     initialize_state(node.directory / "consensus")
     ledger = TransparencyLog(node.directory / "ledger")
     transport = ThreadCheckingTransport()
@@ -562,23 +565,22 @@ def test_each_step_counts_once_per_round_even_when_passed_within_one_event(
 ) -> None:
     now = [0.0]
     identity = Identity.generate()
-    genesis = Genesis(
-        chain_id=CHAIN,
-        genesis_time="2026-01-01T00:00:00Z",
-        governance_public_key=Identity.generate().public_key,
-        authorities=(Authority("authority-0", identity.public_key, "127.0.0.1:1", "x:1"),),
-        ca_certificate="",
-    )
+    registry = CollectorRegistry()
     service = ConsensusService(
-        identity, genesis, tmp_path, None, RecordingTransport(), clock=lambda: now[0]
+        identity,
+        lone_genesis(identity),
+        tmp_path,
+        None,
+        RecordingTransport(),
+        registry=registry,
+        clock=lambda: now[0],
     )
-    registry = service.metrics.step_seconds
 
-    def observed() -> dict[str, tuple[float, float]]:
+    def observed() -> dict[str, tuple[float | None, float | None]]:
         return {
-            step: (
-                registry.labels(step)._sum.get(),  # type: ignore[attr-defined]
-                sum(b.get() for b in registry.labels(step)._buckets),  # type: ignore[attr-defined]
+            step: tuple(  # type: ignore[misc]
+                registry.get_sample_value(f"pyrsia_consensus_step_seconds_{kind}", {"step": step})
+                for kind in ("sum", "count")
             )
             for step in ("new_height", "propose", "prevote", "precommit")
         }
@@ -603,14 +605,9 @@ async def test_a_timer_starts_before_the_writes_listed_with_it(
     """The pause before the next height runs from the decision, overlapping the commit's
     writes (CometBFT's timeout_commit runs from the commit time), not after them."""
     identity = Identity.generate()
-    genesis = Genesis(
-        chain_id=CHAIN,
-        genesis_time="2026-01-01T00:00:00Z",
-        governance_public_key=Identity.generate().public_key,
-        authorities=(Authority("authority-0", identity.public_key, "127.0.0.1:1", "x:1"),),
-        ca_certificate="",
+    service = ConsensusService(
+        identity, lone_genesis(identity), tmp_path, None, RecordingTransport()
     )
-    service = ConsensusService(identity, genesis, tmp_path, None, RecordingTransport())
     order: list[str] = []
 
     async def slow_commit(block: Block, cert: CommitCertificate) -> None:

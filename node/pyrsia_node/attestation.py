@@ -109,22 +109,16 @@ class Artifact:
 
 def _artifact_from(data: object, where: str, index: int | None = None) -> Artifact:
     """``Artifact.from_dict`` at ``where`` (``where[index]`` in a list). The success path,
-    every statement's, formats no location and checks the digest once (the constructor's
-    checks are the ones made here)."""
+    every statement's, formats no location text."""
     if type(data) is dict:
         digest, size, media_type = data.get("digest"), data.get("size"), data.get("mediaType")
         if (
             type(digest) is str
             and _DIGEST.match(digest)
             and type(size) is int
-            and size >= 0
             and type(media_type) is str
         ):
-            artifact: Artifact = object.__new__(Artifact)
-            _set(artifact, "digest", digest)
-            _set(artifact, "size", size)
-            _set(artifact, "media_type", media_type)
-            return artifact
+            return Artifact(digest, size, media_type)  # raises for a negative size
     if index is not None:
         where = f"{where}[{index}]"
     if not isinstance(data, dict):
@@ -137,7 +131,6 @@ def _artifact_from(data: object, where: str, index: int | None = None) -> Artifa
     return Artifact(_check_digest(f"{where}.digest", data.get("digest")), size, media_type)
 
 
-_set = object.__setattr__
 _SixTexts = tuple[str, str, str, str, str, str]
 
 

@@ -146,3 +146,39 @@ def test_a_node_process_tunes_the_cyclic_collector() -> None:
     assert before == [700, 10, 10]
     assert after == list(wanted) != before
     assert frozen > 10_000  # the imported modules' objects at least
+
+
+def test_up_reports_a_killed_node_and_starts_it_again_on_sighup(tmp_path: Path) -> None:
+    data_dir = tmp_path / "net"
+    base = free_port_block(20)
+    up = start_up(data_dir, base, 1, 1)
+    try:
+        lines = wait_for_line(up, "data and logs", timeout=40)
+        row = next(line.split() for line in lines if line.startswith("authority-0"))
+        pid, node_id = int(row[2]), row[3]
+        os.kill(pid, signal.SIGKILL)
+        warning = wait_for_line(up, "warning: authority-0", timeout=10)[-1]
+        assert "exited with status -9 (SIGKILL)" in warning
+        assert f"kill -HUP {up.pid} starts it again" in warning
+        up.send_signal(signal.SIGHUP)
+        started = wait_for_line(up, "started authority-0 again", timeout=10)[-1]
+        new_pid = int(started.rsplit("pid ", 1)[1].rstrip(")\n"))
+        assert new_pid != pid
+        assert new_pid in [process.pid for process in node_processes(data_dir)]
+        deadline = time.monotonic() + 20
+        while True:  # the same node, from its own data directory, answers again
+            try:
+                status = fetch_json(f"http://127.0.0.1:{base}/api/v1/status")
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "the restarted node never answered"
+                time.sleep(0.2)
+        assert status["node_id"].startswith(node_id)
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=15)
+    assert up.returncode == 0
+    deadline = time.monotonic() + 5
+    while node_processes(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node_processes(data_dir) == []

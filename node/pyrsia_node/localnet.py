@@ -4,7 +4,8 @@ Each node runs as its own ``python -m pyrsia_node node`` process with its log in
 ``<data_dir>/<name>/node.log``. Children get ``--parent-pid`` and set a parent-death signal
 (Linux ``PR_SET_PDEATHSIG``), so even if the launcher is SIGKILLed no node outlives it;
 ``stop`` sends SIGTERM, waits, then SIGKILLs anything left. Tests use ``kill``/``restart``
-to inject crashes into a running network.
+to inject crashes into a running network; ``reap`` and ``start(name)`` let ``pyrsia up``
+start again the nodes someone else killed.
 
 Membership changes go through the running network as they do in a cluster: ``add_authority``
 prepares an authority outside the genesis (a fresh key and a certificate of the network
@@ -238,6 +239,18 @@ class LocalNetwork:
         process.send_signal(sig)
         process.wait(timeout=10)
         self._logs.pop(name).close()
+
+    def reap(self) -> dict[str, int]:
+        """Forget the nodes whose processes have exited: name -> exit status (negative:
+        the signal that ended it), so that ``start(name)`` can run them again."""
+        exited = {}
+        for name, process in list(self.processes.items()):
+            status = process.poll()
+            if status is not None:
+                exited[name] = status
+                del self.processes[name]
+                self._logs.pop(name).close()
+        return exited
 
     def restart(self, name: str) -> None:
         if name in self.processes:

@@ -1,8 +1,15 @@
-"""``pyrsia up``: run a local network of node processes on loopback until Ctrl-C."""
+"""``pyrsia up``: run a local network of node processes on loopback until Ctrl-C.
+
+For fault drills by hand: kill -9 (or SIGSTOP, SIGTERM) any node by the pid it prints;
+``pyrsia up`` reports each node that exits, and SIGHUP (``kill -HUP <its pid>``) starts
+every exited node again from its data directory, as a restart after a crash would.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
 import signal
 import threading
 import time
@@ -40,13 +47,13 @@ def register(sub: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.host.startswith("127.") and args.host not in {"localhost", "::1"}:
         raise CliError(f"--host {args.host}: a local network runs on loopback addresses only")
-    stop = threading.Event()
+    stop, revive = threading.Event(), threading.Event()
 
     def on_signal(signum: int, _: object) -> None:
-        stop.set()
+        (revive if signum == signal.SIGHUP else stop).set()
 
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     shape = Shape(
         args.authorities,
         args.peers,
@@ -68,23 +75,42 @@ def run(args: argparse.Namespace) -> int:
             raise CliError(str(exc)) from exc
         elapsed = time.monotonic() - started
         print(f"pyrsia network {shape.authorities}+{shape.peers} healthy in {elapsed:.1f} s")
-        print(f"{'NODE':<14}{'ROLE':<11}{'NODE ID':<18}{'HTTP':<26}{'GRPC':<18}METRICS")
+        print(f"{'NODE':<14}{'ROLE':<11}{'PID':<9}{'NODE ID':<18}{'HTTP':<26}{'GRPC':<18}METRICS")
         for node in network.nodes:
             node_id = statuses[node.name]["node_id"][:16]
+            pid = network.processes[node.name].pid
             print(
-                f"{node.name:<14}{node.role:<11}{node_id:<18}{node.http_url:<26}"
+                f"{node.name:<14}{node.role:<11}{pid:<9}{node_id:<18}{node.http_url:<26}"
                 f"{node.grpc_address:<18}{node.metrics_url}"
             )
         mirror = next((n for n in network.nodes if n.role == "peer"), network.nodes[0])
         print(f"image mirror (OCI pull API): {mirror.host}:{mirror.http_port}")
-        print(f"data and logs: {network.root}   Ctrl-C stops every node")
+        print(f"data and logs: {network.root}   Ctrl-C stops every node", flush=True)
+        stopped: list[str] = []
         while not stop.is_set():
-            for name, process in list(network.processes.items()):
-                if process.poll() is not None:
-                    print(f"warning: {name} exited with status {process.returncode}", flush=True)
-                    network.processes.pop(name)
+            for name, status in network.reap().items():
+                stopped.append(name)
+                print(
+                    f"warning: {name} exited with status {_describe(status)}; "
+                    f"kill -HUP {os.getpid()} starts it again",
+                    flush=True,
+                )
+            if revive.is_set():
+                revive.clear()
+                for name in stopped:
+                    network.start(name)
+                    print(f"started {name} again (pid {network.processes[name].pid})", flush=True)
+                stopped.clear()
             stop.wait(0.5)
     finally:
         network.stop()
         print("stopped")
     return 0
+
+
+def _describe(status: int) -> str:
+    """An exit status as a shell shows it: the signal's name when one ended the process."""
+    if status < 0:
+        with contextlib.suppress(ValueError):
+            return f"{status} ({signal.Signals(-status).name})"
+    return str(status)

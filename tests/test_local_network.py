@@ -13,6 +13,8 @@ import psutil
 import pytest
 from conftest import free_port_block
 from prometheus_client.parser import text_string_to_metric_families
+from pyrsia_node.cli import drill_cmd
+from pyrsia_node.cli.drill_cmd import NodeState, disagreement, forks
 from pyrsia_node.localnet import fetch_json
 
 pytestmark = pytest.mark.slow
@@ -182,3 +184,62 @@ def test_up_reports_a_killed_node_and_starts_it_again_on_sighup(tmp_path: Path) 
     while node_processes(data_dir) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert node_processes(data_dir) == []
+
+
+def test_drill_states_and_forks_are_told_apart() -> None:
+    same = [NodeState("a", 5, 10, "ab" * 32), NodeState("b", 5, 10, "ab" * 32)]
+    assert disagreement(same) is None
+    behind = [*same, NodeState("c", 4, 8, "cd" * 32)]
+    assert "c: height 4, size 8" in (disagreement(behind) or "")
+    assert forks({8: {"cd" * 32}, 10: {"ab" * 32}}) == []
+    assert forks({10: {"ab" * 32, "ef" * 32}}) == [
+        f"size 10: roots {['abababababababab', 'efefefefefefefef']}"
+    ]
+
+
+def test_a_drill_on_pyrsia_up_survives_a_killed_authority(tmp_path: Path) -> None:
+    """`pyrsia drill` offers records while an authority is killed and started again, then
+    finds one state and one history; its consistency check refuses a forged root."""
+    data_dir = tmp_path / "net"
+    base = free_port_block(40)
+    up = start_up(data_dir, base, 4, 0)
+    try:
+        lines = wait_for_line(up, "data and logs", timeout=40)
+        victim = next(int(line.split()[2]) for line in lines if line.startswith("authority-3"))
+        drill = subprocess.Popen(
+            [
+                *(sys.executable, "-m", "pyrsia_node", "drill", "--data-dir", str(data_dir)),
+                *("--seconds", "8", "--rate", "20", "--settle", "30"),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        time.sleep(2)
+        os.kill(victim, signal.SIGKILL)
+        wait_for_line(up, "warning: authority-3", timeout=10)
+        time.sleep(2)
+        up.send_signal(signal.SIGHUP)
+        wait_for_line(up, "started authority-3 again", timeout=10)
+        output, _ = drill.communicate(timeout=90)
+        assert drill.returncode == 0, output
+        assert "one state on 4 of 4 nodes" in output
+        assert "one history" in output
+        counts = output.split("records: ")[1].split("\n")[0]
+        offered, accepted, committed = (int(part.split()[-1]) for part in counts.split(", "))
+        # A record the victim admitted in the ~25 ms before it gossiped it dies with it.
+        assert offered == accepted == 160
+        assert accepted - 2 <= committed <= accepted, output
+        status = fetch_json(f"http://127.0.0.1:{base}/api/v1/status")
+        final = NodeState("authority-0", *(status["ledger"][k] for k in ("height", "size", "root")))
+        forged = "00" * 32
+        problem = drill_cmd._inconsistent(f"http://127.0.0.1:{base}", final.size - 5, forged, final)
+        assert problem is not None and "not a prefix" in problem
+        assert (
+            drill_cmd._inconsistent(f"http://127.0.0.1:{base}", final.size, final.root, final)
+            is None
+        )
+    finally:
+        up.send_signal(signal.SIGINT)
+        up.wait(timeout=15)
+    assert up.returncode == 0

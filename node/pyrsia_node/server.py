@@ -252,6 +252,7 @@ class Node:
 
     def status(self) -> dict[str, Any]:
         peers = sorted(self.peering.table.connected(), key=lambda i: (i.role, i.name))
+        size = self.ledger.size
         return {
             "node_id": self.identity.node_id,
             "name": self.config.name,
@@ -275,8 +276,8 @@ class Node:
             ],
             "ledger": {
                 "height": self.consensus.height,
-                "size": self.ledger.size,
-                "root": self.ledger.root().hex(),
+                "size": size,
+                "root": self.ledger.root(size).hex(),  # of that size, whatever commits meanwhile
             },
             "consensus": self.consensus.status() if self.consensus.started else None,
         }

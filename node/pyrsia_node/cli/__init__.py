@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from pyrsia_node import __version__
 from pyrsia_node.cli import (
     build_cmd,
+    drill_cmd,
     genesis_cmd,
     governance_cmd,
     log_cmd,
@@ -31,6 +32,7 @@ SUBCOMMANDS = (
     genesis_cmd,
     up_cmd,
     status_cmd,
+    drill_cmd,
     build_cmd,
     governance_cmd,
     log_cmd,

@@ -56,6 +56,20 @@ def start_up(data_dir: Path, base: int, authorities: int, peers: int) -> subproc
     )
 
 
+def stop_up(up: subprocess.Popen[str]) -> None:
+    """Ctrl-C `pyrsia up` and check it stopped cleanly."""
+    up.send_signal(signal.SIGINT)
+    up.wait(timeout=15)
+    assert up.returncode == 0
+
+
+def assert_no_node_left(data_dir: Path) -> None:
+    deadline = time.monotonic() + 5
+    while node_processes(data_dir) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert node_processes(data_dir) == []
+
+
 def test_up_runs_a_healthy_network_and_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "net"
     base = free_port_block(60)
@@ -94,13 +108,8 @@ def test_up_runs_a_healthy_network_and_stops_cleanly(tmp_path: Path) -> None:
         assert status.stdout.count("yes") == 6
         assert len(node_processes(data_dir)) == 6
     finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(timeout=15)
-    assert up.returncode == 0
-    deadline = time.monotonic() + 5
-    while node_processes(data_dir) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert node_processes(data_dir) == []
+        stop_up(up)
+    assert_no_node_left(data_dir)
 
 
 def test_nodes_die_with_a_killed_launcher(tmp_path: Path) -> None:
@@ -177,13 +186,8 @@ def test_up_reports_a_killed_node_and_starts_it_again_on_sighup(tmp_path: Path) 
                 time.sleep(0.2)
         assert status["node_id"].startswith(node_id)
     finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(timeout=15)
-    assert up.returncode == 0
-    deadline = time.monotonic() + 5
-    while node_processes(data_dir) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert node_processes(data_dir) == []
+        stop_up(up)
+    assert_no_node_left(data_dir)
 
 
 def test_drill_states_and_forks_are_told_apart() -> None:
@@ -240,6 +244,5 @@ def test_a_drill_on_pyrsia_up_survives_a_killed_authority(tmp_path: Path) -> Non
             is None
         )
     finally:
-        up.send_signal(signal.SIGINT)
-        up.wait(timeout=15)
-    assert up.returncode == 0
+        stop_up(up)
+    assert_no_node_left(data_dir)

@@ -91,6 +91,7 @@ from pyrsia_node.consensus.governance import (
     governance_record,
     governance_refusal,
 )
+from pyrsia_node.consensus.journal import RecordJournal
 from pyrsia_node.consensus.mempool import Mempool, MempoolLimits, RecordRejected
 from pyrsia_node.consensus.messages import Block, CommitCertificate, Proposal
 from pyrsia_node.consensus.metrics import ConsensusMetrics
@@ -129,6 +130,7 @@ from pyrsia_node.merkle import leaf_hash
 log = logging.getLogger(__name__)
 
 WAL_FILE = "wal"
+JOURNAL_FILE = "submitted"
 BLOCKS_FILE = "blocks"
 SYNC_BATCH = 64
 MAX_BLOCKS_PER_REQUEST = 256
@@ -385,6 +387,7 @@ class ConsensusService:
             mempool_limits or MempoolLimits(), self._held_by_ledger, self._record_valid
         )
         self._wal = WriteAheadFile(directory / WAL_FILE)
+        self._journal = RecordJournal(directory / JOURNAL_FILE)
         self._blocks: BlockStore | None = None
         self._core: ConsensusCore | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
@@ -488,6 +491,7 @@ class ConsensusService:
 
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
+        journaled = self._journal.load()  # before any submission can append to it
         self._blocks = await asyncio.to_thread(BlockStore, self.directory / BLOCKS_FILE)
         restored = await asyncio.to_thread(self._wal.load)
         chain = ChainState.genesis(ValidatorSet.from_genesis(self.genesis))
@@ -524,6 +528,17 @@ class ConsensusService:
         if not self.is_validator():
             self._tasks.append(asyncio.create_task(self._follow(), name="consensus-follow"))
         self._events.put_nowait(_START)
+        # Records acknowledged before a crash: pending again (the committed ones are refused
+        # as in the log), then the journal holds just what is pending. Both on the event
+        # loop, where submissions append to the journal: none can slip between the two.
+        if journaled:
+            self._submit_all(journaled, journal=False)
+            log.info(
+                "consensus: %d journaled records, %d pending again",
+                len(journaled),
+                len(self.mempool),
+            )
+        self._journal.rewrite(self.mempool.records())
 
     async def stop(self) -> None:
         for handle in self._timers:
@@ -558,7 +573,13 @@ class ConsensusService:
         return outcome
 
     def submit_all(self, records: Sequence[bytes]) -> list[bool | RecordRejected]:
-        """`submit` for each of `records`: what it would return or raise for each."""
+        """`submit` for each of `records`: what it would return or raise for each. The
+        admitted ones are in the journal (fsynced) when this returns."""
+        return self._submit_all(records, journal=True)
+
+    def _submit_all(
+        self, records: Sequence[bytes], *, journal: bool
+    ) -> list[bool | RecordRejected]:
         records = list(records)  # a protobuf repeated field makes new bytes per access
         outcomes: list[bool | RecordRejected] = []
         candidates: list[bytes] = []
@@ -577,6 +598,10 @@ class ConsensusService:
             if outcome is True:
                 self._submitted_at[record] = now
                 self._gossip.append(record)
+        if journal:
+            self._journal.append(
+                [r for r, outcome in zip(records, outcomes, strict=True) if outcome is True]
+            )
         if self._gossip and not self._gossip_scheduled:
             self._gossip_scheduled = True
             asyncio.get_running_loop().call_later(GOSSIP_INTERVAL, self._send_gossip)
@@ -885,6 +910,8 @@ class ConsensusService:
         started = self._clock()
         await asyncio.to_thread(self._persist_commit, block, cert)
         self.mempool.committed(block.records)
+        if self._journal.size > self._journal.compact_bytes:
+            self._journal.rewrite(self.mempool.records())
         in_force = self.authorities_in_force()
         if in_force != self._checked_under:
             # Pending records were checked against the authorities then in force.

@@ -60,6 +60,8 @@ class RecordJournal:
             return
         data = b"".join(map(_frame, records))
         new = self.size == 0 and not self.path.exists()
+        if new:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
             _write_all(fd, data)

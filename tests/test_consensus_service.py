@@ -889,6 +889,7 @@ async def test_acknowledged_records_outlive_a_crash_and_committed_ones_are_not_o
     await first.start()
     try:
         assert first.submit_all([record(1), record(2), b"not a record"])[:2] == [True, True]
+        await first.journaled()  # what an acknowledgment waits for
         first.receive(nodes[1].identity.public_key, pb.ConsensusEnvelope(record=record(3)))
         assert len(first.mempool) == 3
     finally:

@@ -53,6 +53,7 @@ def routes(consensus: ConsensusService) -> list[web.RouteDef]:
             new = consensus.submit(record)
         except RecordRejected as exc:
             return _error(400, exc.reason)
+        await consensus.journaled()  # acknowledged only once it outlives a crash
         body = {
             "record_hash": leaf_hash(record).hex(),
             "status": "admitted" if new else "already pending",

@@ -10,8 +10,9 @@ before it gossiped them, or by every node holding them, were lost though acknowl
 
 Records gossiped from other authorities are not journaled: their submitter's journal
 holds them. Frames as in the write-ahead file (`wal.py`): ``u32 length | u32 crc32 |
-record``; a torn tail is cut off on load. Blocking IO: appends run on the event loop (one
-write and one fdatasync per submission call), like the admission they follow.
+record``; a torn tail is cut off on load. Blocking IO: the service calls `append` and
+`rewrite` from one writer thread, in order (one write and one fdatasync per submission
+call, off the event loop, which an fdatasync under load would stall for milliseconds).
 """
 
 from __future__ import annotations

@@ -50,6 +50,7 @@ parameter. This module logs with context and never logs key material.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -388,6 +389,11 @@ class ConsensusService:
         )
         self._wal = WriteAheadFile(directory / WAL_FILE)
         self._journal = RecordJournal(directory / JOURNAL_FILE)
+        # One thread, so journal writes happen in the order they were asked for: an append
+        # asked before a rewrite's snapshot lands before the rewrite (which keeps its record
+        # if still pending), one asked after lands in the rewritten file.
+        self._journal_writer = concurrent.futures.ThreadPoolExecutor(1, "pyrsia-journal")
+        self._journaled: asyncio.Future[None] | None = None
         self._blocks: BlockStore | None = None
         self._core: ConsensusCore | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
@@ -558,6 +564,7 @@ class ConsensusService:
             if isinstance(result, Exception):
                 log.error("consensus: task %s had failed: %r", task.get_name(), result)
         self._tasks.clear()
+        await asyncio.to_thread(self._journal_writer.shutdown)
         await self.transport.close()
 
     # Inputs -----------------------------------------------------------------------------
@@ -574,8 +581,15 @@ class ConsensusService:
 
     def submit_all(self, records: Sequence[bytes]) -> list[bool | RecordRejected]:
         """`submit` for each of `records`: what it would return or raise for each. The
-        admitted ones are in the journal (fsynced) when this returns."""
+        admitted ones are being written to the journal: await `journaled` before telling
+        the submitter they are admitted."""
         return self._submit_all(records, journal=True)
+
+    async def journaled(self) -> None:
+        """Return once every record admitted so far is in the journal, fsynced (raises
+        what the write raised)."""
+        if self._journaled is not None:
+            await asyncio.shield(self._journaled)
 
     def _submit_all(
         self, records: Sequence[bytes], *, journal: bool
@@ -598,9 +612,10 @@ class ConsensusService:
             if outcome is True:
                 self._submitted_at[record] = now
                 self._gossip.append(record)
-        if journal:
-            self._journal.append(
-                [r for r, outcome in zip(records, outcomes, strict=True) if outcome is True]
+        new = [r for r, outcome in zip(records, outcomes, strict=True) if outcome is True]
+        if journal and new:
+            self._journaled = asyncio.get_running_loop().run_in_executor(
+                self._journal_writer, self._journal.append, new
             )
         if self._gossip and not self._gossip_scheduled:
             self._gossip_scheduled = True
@@ -911,7 +926,9 @@ class ConsensusService:
         await asyncio.to_thread(self._persist_commit, block, cert)
         self.mempool.committed(block.records)
         if self._journal.size > self._journal.compact_bytes:
-            self._journal.rewrite(self.mempool.records())
+            await asyncio.get_running_loop().run_in_executor(
+                self._journal_writer, self._journal.rewrite, self.mempool.records()
+            )
         in_force = self.authorities_in_force()
         if in_force != self._checked_under:
             # Pending records were checked against the authorities then in force.
@@ -1319,6 +1336,7 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
             accepted = self._service.submit(request.record)
         except RecordRejected as exc:
             return pb.SubmitRecordResponse(accepted=False, reason=exc.reason)
+        await self._service.journaled()
         return pb.SubmitRecordResponse(
             accepted=accepted, reason="" if accepted else "already pending"
         )
@@ -1329,7 +1347,9 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
         context: grpc.aio.ServicerContext[pb.SubmitRecordsRequest, pb.SubmitRecordsResponse],
     ) -> pb.SubmitRecordsResponse:
         results = []
-        for outcome in self._service.submit_all(request.records):
+        outcomes = self._service.submit_all(request.records)
+        await self._service.journaled()
+        for outcome in outcomes:
             if isinstance(outcome, RecordRejected):
                 results.append(pb.SubmitRecordResponse(accepted=False, reason=outcome.reason))
             else:

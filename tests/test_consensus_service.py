@@ -36,11 +36,9 @@ from pyrsia_node.consensus import (
     signing_bytes,
 )
 from pyrsia_node.consensus.blocks import BlockStore
-from pyrsia_node.consensus.journal import RecordJournal
 from pyrsia_node.consensus.mempool import Mempool, MempoolLimits, RecordRejected
 from pyrsia_node.consensus.service import (
     GOSSIP_INTERVAL,
-    JOURNAL_FILE,
     ConsensusService,
     GrpcTransport,
     initialize_state,
@@ -874,69 +872,3 @@ async def test_stop_closes_the_transport_after_a_task_died_of_an_error(tmp_path:
     finally:
         for n in nodes:
             await n.server.stop(None)
-
-
-async def test_acknowledged_records_outlive_a_crash_and_committed_ones_are_not_offered_again(
-    tmp_path: Path,
-) -> None:
-    """The journal (consensus/journal.py): a lone authority of four cannot commit, so what
-    it acknowledged is only in its mempool, and the journal, when it is dropped without a
-    stop (a kill -9 runs no shutdown); its next start has those records pending again."""
-    nodes = [await make_node(tmp_path, f"authority-{i}") for i in range(4)]
-    genesis = make_genesis(nodes)
-    directory = tmp_path / "consensus"
-    first = ConsensusService(nodes[0].identity, genesis, directory, None, RecordingTransport())
-    await first.start()
-    try:
-        assert first.submit_all([record(1), record(2), b"not a record"])[:2] == [True, True]
-        await first.journaled()  # what an acknowledgment waits for
-        first.receive(nodes[1].identity.public_key, pb.ConsensusEnvelope(record=record(3)))
-        assert len(first.mempool) == 3
-    finally:
-        for task in first._tasks:  # the crash: nothing flushed or closed
-            task.cancel()
-        await asyncio.gather(*first._tasks, return_exceptions=True)
-    second = ConsensusService(nodes[0].identity, genesis, directory, None, RecordingTransport())
-    await second.start()
-    try:  # record 3 was gossiped here: its submitter's journal holds it, not this one's
-        assert second.mempool.records() == [record(1), record(2)]
-        assert RecordJournal(directory / JOURNAL_FILE).load() == [record(1), record(2)]
-    finally:
-        await second.stop()
-    # A lone authority commits: what committed is not pending after a restart.
-    node = await make_node(tmp_path, "lone")
-    lone = lone_genesis(node.identity)
-    initialize_state(node.directory / "consensus")
-    service = await start(node, lone)
-    try:
-        assert node.ledger is not None
-        ledger = node.ledger
-        service.submit(record(4))
-        await wait_for(lambda: ledger.size >= 1)
-    finally:
-        await stop(node)
-    node.server = grpc.aio.server()  # a new process
-    node.server.add_insecure_port(node.address)
-    service = await start(node, lone)
-    try:
-        assert len(service.mempool) == 0
-        journal = RecordJournal(node.directory / "consensus" / JOURNAL_FILE)
-        assert journal.load() == []
-    finally:
-        await stop(node)
-        for n in nodes:
-            await n.server.stop(None)
-
-
-def test_the_journal_cuts_a_torn_tail_and_appends_after_it(tmp_path: Path) -> None:
-    journal = RecordJournal(tmp_path / "submitted")
-    journal.append([b"one", b"two"])
-    with open(tmp_path / "submitted", "ab") as handle:
-        handle.write(b"\x00\x00\x00\x09\x12")  # a crash in the middle of a frame header
-    reopened = RecordJournal(tmp_path / "submitted")
-    assert reopened.load() == [b"one", b"two"]
-    reopened.append([b"three"])
-    assert RecordJournal(tmp_path / "submitted").load() == [b"one", b"two", b"three"]
-    reopened.rewrite([b"three"])
-    assert RecordJournal(tmp_path / "submitted").load() == [b"three"]
-    assert reopened.size == (tmp_path / "submitted").stat().st_size

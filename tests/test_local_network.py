@@ -231,10 +231,10 @@ def test_a_drill_on_pyrsia_up_survives_a_killed_authority(tmp_path: Path) -> Non
         assert "one history" in output
         counts = output.split("records: ")[1].split("\n")[0]
         offered, accepted, committed = (int(part.split()[-1]) for part in counts.split(", "))
-        # Up to 160 offered (fewer when slow answers eat into the 8 s); each acknowledged
-        # record commits, also those the victim admitted just before it died (its journal).
+        # Up to 160 offered (fewer when slow answers eat into the 8 s). A record the victim
+        # admitted in the ~25 ms before it gossiped it dies with it (mempools are memory).
         assert 100 < offered == accepted <= 160, output
-        assert committed == accepted, output
+        assert accepted - 2 <= committed <= accepted, output
         status = fetch_json(f"http://127.0.0.1:{base}/api/v1/status")
         final = NodeState("authority-0", *(status["ledger"][k] for k in ("height", "size", "root")))
         forged = "00" * 32

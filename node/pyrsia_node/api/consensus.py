@@ -3,7 +3,9 @@
 ``POST /api/v1/records`` takes one raw canonical ledger record (``application/octet-stream``)
 and offers it to this node's mempool, which gossips it to every authority:
 
-* 202 ``{"record_hash": hex, "status": "admitted"}``: new, pending until a block commits it;
+* 202 ``{"record_hash": hex, "status": "admitted"}``: new, pending until a block commits it
+  (in the authorities' memory, as a Tendermint mempool holds it: a record whose every
+  holder crashes before its block commits is lost, so resubmit what does not commit);
 * 200 ``{"record_hash": hex, "status": "already pending"}``: this node holds it already;
 * 400 ``{"error": reason}``: refused (not canonical, too large, already in the ledger, the
   mempool is full, a governance record the network's governance key did not sign for this
@@ -53,7 +55,6 @@ def routes(consensus: ConsensusService) -> list[web.RouteDef]:
             new = consensus.submit(record)
         except RecordRejected as exc:
             return _error(400, exc.reason)
-        await consensus.journaled()  # acknowledged only once it outlives a crash
         body = {
             "record_hash": leaf_hash(record).hex(),
             "status": "admitted" if new else "already pending",

@@ -56,10 +56,6 @@ class Mempool:
     def __contains__(self, record: bytes) -> bool:
         return record in self._hashes
 
-    def records(self) -> list[bytes]:
-        """The pending records, in admission order."""
-        return list(self._pending.values())
-
     def get(self, record_hash: bytes) -> bytes | None:
         """The pending record whose leaf hash is `record_hash`, if any."""
         return self._pending.get(record_hash)

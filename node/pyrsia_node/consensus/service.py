@@ -50,7 +50,6 @@ parameter. This module logs with context and never logs key material.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import logging
 import threading
@@ -92,7 +91,6 @@ from pyrsia_node.consensus.governance import (
     governance_record,
     governance_refusal,
 )
-from pyrsia_node.consensus.journal import RecordJournal
 from pyrsia_node.consensus.mempool import Mempool, MempoolLimits, RecordRejected
 from pyrsia_node.consensus.messages import Block, CommitCertificate, Proposal
 from pyrsia_node.consensus.metrics import ConsensusMetrics
@@ -131,7 +129,6 @@ from pyrsia_node.merkle import leaf_hash
 log = logging.getLogger(__name__)
 
 WAL_FILE = "wal"
-JOURNAL_FILE = "submitted"
 BLOCKS_FILE = "blocks"
 SYNC_BATCH = 64
 MAX_BLOCKS_PER_REQUEST = 256
@@ -388,12 +385,6 @@ class ConsensusService:
             mempool_limits or MempoolLimits(), self._held_by_ledger, self._record_valid
         )
         self._wal = WriteAheadFile(directory / WAL_FILE)
-        self._journal = RecordJournal(directory / JOURNAL_FILE)
-        # One thread, so journal writes happen in the order they were asked for: an append
-        # asked before a rewrite's snapshot lands before the rewrite (which keeps its record
-        # if still pending), one asked after lands in the rewritten file.
-        self._journal_writer = concurrent.futures.ThreadPoolExecutor(1, "pyrsia-journal")
-        self._journaled: asyncio.Future[None] | None = None
         self._blocks: BlockStore | None = None
         self._core: ConsensusCore | None = None
         self._events: asyncio.Queue[Event] = asyncio.Queue()
@@ -497,7 +488,6 @@ class ConsensusService:
 
     async def start(self) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        journaled = self._journal.load()  # before any submission can append to it
         self._blocks = await asyncio.to_thread(BlockStore, self.directory / BLOCKS_FILE)
         restored = await asyncio.to_thread(self._wal.load)
         chain = ChainState.genesis(ValidatorSet.from_genesis(self.genesis))
@@ -534,17 +524,6 @@ class ConsensusService:
         if not self.is_validator():
             self._tasks.append(asyncio.create_task(self._follow(), name="consensus-follow"))
         self._events.put_nowait(_START)
-        # Records acknowledged before a crash: pending again (the committed ones are refused
-        # as in the log), then the journal holds just what is pending. Both on the event
-        # loop, where submissions append to the journal: none can slip between the two.
-        if journaled:
-            self._submit_all(journaled, journal=False)
-            log.info(
-                "consensus: %d journaled records, %d pending again",
-                len(journaled),
-                len(self.mempool),
-            )
-        self._journal.rewrite(self.mempool.records())
 
     async def stop(self) -> None:
         for handle in self._timers:
@@ -564,7 +543,6 @@ class ConsensusService:
             if isinstance(result, Exception):
                 log.error("consensus: task %s had failed: %r", task.get_name(), result)
         self._tasks.clear()
-        await asyncio.to_thread(self._journal_writer.shutdown)
         await self.transport.close()
 
     # Inputs -----------------------------------------------------------------------------
@@ -580,20 +558,7 @@ class ConsensusService:
         return outcome
 
     def submit_all(self, records: Sequence[bytes]) -> list[bool | RecordRejected]:
-        """`submit` for each of `records`: what it would return or raise for each. The
-        admitted ones are being written to the journal: await `journaled` before telling
-        the submitter they are admitted."""
-        return self._submit_all(records, journal=True)
-
-    async def journaled(self) -> None:
-        """Return once every record admitted so far is in the journal, fsynced (raises
-        what the write raised)."""
-        if self._journaled is not None:
-            await asyncio.shield(self._journaled)
-
-    def _submit_all(
-        self, records: Sequence[bytes], *, journal: bool
-    ) -> list[bool | RecordRejected]:
+        """`submit` for each of `records`: what it would return or raise for each."""
         records = list(records)  # a protobuf repeated field makes new bytes per access
         outcomes: list[bool | RecordRejected] = []
         candidates: list[bytes] = []
@@ -612,11 +577,6 @@ class ConsensusService:
             if outcome is True:
                 self._submitted_at[record] = now
                 self._gossip.append(record)
-        new = [r for r, outcome in zip(records, outcomes, strict=True) if outcome is True]
-        if journal and new:
-            self._journaled = asyncio.get_running_loop().run_in_executor(
-                self._journal_writer, self._journal.append, new
-            )
         if self._gossip and not self._gossip_scheduled:
             self._gossip_scheduled = True
             asyncio.get_running_loop().call_later(GOSSIP_INTERVAL, self._send_gossip)
@@ -925,10 +885,6 @@ class ConsensusService:
         started = self._clock()
         await asyncio.to_thread(self._persist_commit, block, cert)
         self.mempool.committed(block.records)
-        if self._journal.size > self._journal.compact_bytes:
-            await asyncio.get_running_loop().run_in_executor(
-                self._journal_writer, self._journal.rewrite, self.mempool.records()
-            )
         in_force = self.authorities_in_force()
         if in_force != self._checked_under:
             # Pending records were checked against the authorities then in force.
@@ -1336,7 +1292,6 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
             accepted = self._service.submit(request.record)
         except RecordRejected as exc:
             return pb.SubmitRecordResponse(accepted=False, reason=exc.reason)
-        await self._service.journaled()
         return pb.SubmitRecordResponse(
             accepted=accepted, reason="" if accepted else "already pending"
         )
@@ -1347,9 +1302,7 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
         context: grpc.aio.ServicerContext[pb.SubmitRecordsRequest, pb.SubmitRecordsResponse],
     ) -> pb.SubmitRecordsResponse:
         results = []
-        outcomes = self._service.submit_all(request.records)
-        await self._service.journaled()
-        for outcome in outcomes:
+        for outcome in self._service.submit_all(request.records):
             if isinstance(outcome, RecordRejected):
                 results.append(pb.SubmitRecordResponse(accepted=False, reason=outcome.reason))
             else:

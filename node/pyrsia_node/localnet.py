@@ -232,7 +232,14 @@ class LocalNetwork:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                group=self.group_of(node),
             )
+
+    def group_of(self, node: LocalNode) -> int | None:
+        """The group id ``node``'s process runs as: None (the launcher's own). Fault tests
+        override it to give each node its own, so that packet filters can tell the nodes'
+        connections apart on one loopback address."""
+        return None
 
     def kill(self, name: str, sig: signal.Signals = signal.SIGKILL) -> None:
         process = self.processes.pop(name)

@@ -57,12 +57,14 @@ def register(sub: Any) -> None:
 
 @dataclass(frozen=True, slots=True)
 class NodeState:
-    """What one node's status said: its name, consensus height, log size and root."""
+    """What one node's status said: its name, consensus height, log size and root, and
+    how many records wait in its mempool (0 for a node that runs no consensus)."""
 
     name: str
     height: int
     size: int
     root: str
+    pending: int = 0
 
 
 def disagreement(states: list[NodeState]) -> str | None:
@@ -143,8 +145,14 @@ def run(args: argparse.Namespace) -> int:
             if status is None:
                 states[name] = None
                 continue
-            ledger = status["ledger"]
-            states[name] = NodeState(name, ledger["height"], ledger["size"], ledger["root"])
+            ledger, consensus = status["ledger"], status.get("consensus") or {}
+            states[name] = NodeState(
+                name,
+                ledger["height"],
+                ledger["size"],
+                ledger["root"],
+                int(consensus.get("pending_records", 0)),
+            )
             seen.setdefault(ledger["size"], set()).add(ledger["root"])
         return states
 
@@ -189,7 +197,9 @@ def run(args: argparse.Namespace) -> int:
         states = poll()
         up = [s for s in states.values() if s is not None]
         settled = bool(up) and disagreement(up) is None
-        if settled and up[0].size >= start_size + accepted:
+        # Done when every accepted record committed, or when nothing is left to commit: a
+        # record accepted only by nodes killed before they passed it on is gone.
+        if settled and (up[0].size >= start_size + accepted or not any(s.pending for s in up)):
             break
         if time.monotonic() >= deadline:
             break

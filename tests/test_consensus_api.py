@@ -14,6 +14,7 @@ from pyrsia_node.api.consensus import routes
 from pyrsia_node.consensus.service import GOSSIP_INTERVAL, ConsensusService, initialize_state
 from pyrsia_node.genesis import Authority, Genesis
 from pyrsia_node.identity import Identity
+from pyrsia_node.ledger import TransparencyLog
 from pyrsia_node.ledger.records import (
     IN_TOTO_PAYLOAD_TYPE,
     Artifact,
@@ -153,3 +154,77 @@ async def test_a_peer_refuses_records_it_could_not_propose(tmp_path: Path) -> No
         assert transport.sent == []
     finally:
         await client.close()
+
+
+# ?wait=SECONDS: answered once the record is committed -------------------------------
+
+
+@pytest.fixture
+async def lone_authority(tmp_path: Path) -> AsyncIterator[TestClient]:
+    """An authority alone in its network: it commits what it admits by itself."""
+    genesis = Genesis(
+        chain_id="pyrsia-api-lone",
+        genesis_time="2026-01-01T00:00:00Z",
+        governance_public_key=Identity.generate().public_key,
+        authorities=(Authority("authority-0", KEYS[0].public_key, "127.0.0.1:1", "-"),),
+        ca_certificate="",
+    )
+    initialize_state(tmp_path / "consensus")
+    ledger = TransparencyLog(tmp_path / "ledger")
+    service = ConsensusService(KEYS[0], genesis, tmp_path / "consensus", ledger, Recorder())
+    await service.start()
+    app = web.Application()
+    app.add_routes(routes(service))
+    client = TestClient(TestServer(app))
+    await client.start_server()
+    try:
+        yield client
+    finally:
+        await client.close()
+        await service.stop()
+        ledger.close()
+
+
+async def test_wait_answers_with_the_log_index_once_committed(lone_authority: TestClient) -> None:
+    client = lone_authority
+    answers = []
+    for i in (5, 6):
+        response = await client.post("/api/v1/records?wait=20", data=record(i), headers=OCTETS)
+        assert response.status == 200
+        answers.append(await response.json())
+    assert answers == [
+        {"record_hash": leaf_hash(record(5)).hex(), "status": "committed", "index": 0},
+        {"record_hash": leaf_hash(record(6)).hex(), "status": "committed", "index": 1},
+    ]
+    # Resubmitted: refused without wait, as before; with wait, its index again.
+    response = await client.post("/api/v1/records", data=record(5), headers=OCTETS)
+    assert response.status == 400
+    assert "already in the ledger" in (await response.json())["error"]
+    response = await client.post("/api/v1/records?wait=1", data=record(5), headers=OCTETS)
+    assert (response.status, (await response.json())["index"]) == (200, 0)
+
+
+async def test_wait_ends_with_202_when_nothing_commits_in_time(
+    authority: tuple[TestClient, Recorder],
+) -> None:
+    client, _ = authority  # three of its four authorities are not running: no commits
+    started = asyncio.get_running_loop().time()
+    response = await client.post("/api/v1/records?wait=0.3", data=record(7), headers=OCTETS)
+    assert response.status == 202
+    assert (await response.json())["status"] == "admitted"
+    assert asyncio.get_running_loop().time() - started >= 0.3
+    response = await client.post("/api/v1/records?wait=0.1", data=record(7), headers=OCTETS)
+    assert response.status == 202
+    assert (await response.json())["status"] == "already pending"
+
+
+@pytest.mark.parametrize("wait", ["soon", "-1", "61", "nan", "inf"])
+async def test_a_wait_that_is_not_seconds_from_0_to_60_is_refused(
+    authority: tuple[TestClient, Recorder], wait: str
+) -> None:
+    client, transport = authority
+    response = await client.post(f"/api/v1/records?wait={wait}", data=record(8), headers=OCTETS)
+    assert response.status == 400
+    assert "wait" in (await response.json())["error"]
+    await asyncio.sleep(2 * GOSSIP_INTERVAL)
+    assert transport.sent == []  # refused before the record was looked at

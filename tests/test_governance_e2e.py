@@ -414,7 +414,10 @@ def test_the_governance_cli_adds_and_removes_an_authority(
 
     public_key = base64.b64encode(network.key(NEWCOMER).public_key).decode()
     remove = ["governance", "remove", NEWCOMER, "--public-key", public_key]
-    remove += ["--governance-key", str(governance_key), "--node", admin]
+    remove += ["--governance-key", str(governance_key), "--node", admin, "--wait", "30"]
     assert cli_main(remove) == 0
-    assert capsys.readouterr().out.startswith(f"admitted: remove {NEWCOMER} ")
+    out = capsys.readouterr().out
+    assert out.startswith(
+        f"committed: remove {NEWCOMER} on {network.genesis.chain_id} at log index "
+    ), out
     wait_until(lambda: not in_force(), 30, lambda: f"the REMOVE of {NEWCOMER} not in force")

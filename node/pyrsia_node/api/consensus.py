@@ -13,6 +13,13 @@ and offers it to this node's mempool, which gossips it to every authority:
 * 409: this node is not an authority, so nothing would propose the record;
 * 503: consensus has not started yet; retry.
 
+``?wait=SECONDS`` (up to 60) answers only once the record is committed or the time is up,
+as CometBFT's ``broadcast_tx_commit`` does: 200 ``{"record_hash": hex, "status":
+"committed", "index": n}`` with the record's index in this node's log, also when the log
+held it already (so resubmitting with ``wait`` until it says ``committed`` is how a client
+makes sure a record is in); 202 with status ``admitted`` or ``already pending`` when no
+block committed it within the wait.
+
 Whether the record's attestations suffice is the mempool's `record_valid` check against
 the authorities in force, the same one records gossiped from other authorities pass.
 Governance records (ADD/REMOVE of an authority, signed with the network's governance key)
@@ -30,6 +37,7 @@ from pyrsia_node.merkle import leaf_hash
 
 PATH = "/api/v1/records"
 CONTENT_TYPE = "application/octet-stream"
+MAX_WAIT_SECONDS = 60.0
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -44,6 +52,12 @@ def routes(consensus: ConsensusService) -> list[web.RouteDef]:
             return _error(
                 400, f"content type {request.content_type!r}: send the record as {CONTENT_TYPE}"
             )
+        try:
+            wait = float(request.query.get("wait", "0"))
+        except ValueError:
+            wait = -1.0
+        if not 0 <= wait <= MAX_WAIT_SECONDS:  # also refuses nan
+            return _error(400, f"wait: seconds from 0 to {MAX_WAIT_SECONDS:.0f}")
         if not consensus.started:
             return _error(503, "consensus is starting; retry")
         if not consensus.is_validator():
@@ -51,14 +65,30 @@ def routes(consensus: ConsensusService) -> list[web.RouteDef]:
         record = await request.read()
         if not record:
             return _error(400, "empty body: send one canonical ledger record")
+        record_hash = leaf_hash(record)
+
+        def committed(index: int) -> web.Response:
+            body = {"record_hash": record_hash.hex(), "status": "committed", "index": index}
+            return web.json_response(body, status=200)
+
+        if wait and (index := consensus.committed_index(record_hash)) is not None:
+            return committed(index)
         try:
             new = consensus.submit(record)
         except RecordRejected as exc:
+            # Committed between the look-up above and the submission: what was waited for.
+            if wait and (index := consensus.committed_index(record_hash)) is not None:
+                return committed(index)
             return _error(400, exc.reason)
         body = {
-            "record_hash": leaf_hash(record).hex(),
+            "record_hash": record_hash.hex(),
             "status": "admitted" if new else "already pending",
         }
+        if wait:
+            index = await consensus.wait_committed(record_hash, wait)
+            if index is not None:
+                return committed(index)
+            return web.json_response(body, status=202)
         return web.json_response(body, status=202 if new else 200)
 
     return [web.post(PATH, submit)]

@@ -12,7 +12,9 @@ from pyrsia_node.cli.errors import CliError
 DEFAULT_NODE = "http://127.0.0.1:17800"
 
 
-def call(url: str, body: dict[str, Any] | None = None, *, raw: bytes | None = None) -> Any:
+def call(
+    url: str, body: dict[str, Any] | None = None, *, raw: bytes | None = None, timeout: float = 30
+) -> Any:
     """GET ``url`` (or POST ``body`` as JSON, or ``raw`` bytes as
     ``application/octet-stream``) and return the decoded JSON answer.
 
@@ -28,7 +30,7 @@ def call(url: str, body: dict[str, Any] | None = None, *, raw: bytes | None = No
         headers["Content-Type"] = "application/json"
     request = urllib.request.Request(url, data=data, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
             return json.load(response)
     except urllib.error.HTTPError as exc:
         try:

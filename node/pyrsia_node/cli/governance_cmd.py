@@ -11,7 +11,8 @@ The same records are what the Kubernetes operator submits for ``AuthorityNode`` 
 The chain id is taken from the node the record goes to (``/api/v1/status``) unless given,
 so a record signed for one chain is never offered to another by mistake; the sequence is
 the current time in milliseconds unless given (each change a distinct record; repeat a
-sequence to retry the same change).
+sequence to retry the same change). ``--wait SECONDS`` returns once the change is committed
+(printing its log index) and exits with 2 if it was not within that time.
 """
 
 from __future__ import annotations
@@ -63,6 +64,14 @@ def register(sub: Any) -> None:
         p.add_argument(
             "--sequence", type=int, help="the change's number; default: now in milliseconds"
         )
+        p.add_argument(
+            "--wait",
+            type=float,
+            default=0.0,
+            metavar="SECONDS",
+            help="wait up to this long (at most 60) for the change to commit; default: return "
+            "once an authority admitted it",
+        )
         p.set_defaults(handler=run, action=action)
 
 
@@ -101,9 +110,16 @@ def run(args: argparse.Namespace) -> int:
         )
     except RecordError as exc:
         raise CliError(f"cannot build the record: {exc}") from None
-    answer = call(f"{node}{RECORDS}", raw=record.encode())
+    if not 0 <= args.wait <= 60:
+        raise CliError("--wait: seconds from 0 to 60")
+    url = f"{node}{RECORDS}" + (f"?wait={args.wait:g}" if args.wait else "")
+    answer = call(url, raw=record.encode(), timeout=30 + args.wait)
+    where = f" at log index {answer['index']}" if answer["status"] == "committed" else ""
     print(
-        f"{answer['status']}: {args.action} {args.name} on {chain_id} "
+        f"{answer['status']}: {args.action} {args.name} on {chain_id}{where} "
         f"(sequence {sequence}, record {answer['record_hash'][:16]})"
     )
+    if args.wait and answer["status"] != "committed":
+        print(f"not committed within {args.wait:g} s; it stays pending (resubmit to check)")
+        return 2
     return 0

@@ -1182,13 +1182,39 @@ class ConsensusService:
 
     def _held_by_ledger(self, record_hashes: Sequence[bytes]) -> set[bytes]:
         """Those of `record_hashes` committed as far as this node's chain has come."""
+        return set(self._committed_indexes(record_hashes))
+
+    def _committed_indexes(self, record_hashes: Sequence[bytes]) -> dict[bytes, int]:
+        """The log index of each of `record_hashes` committed as far as this node's chain
+        has come; the others are left out."""
         if self.ledger is None:
-            return set()
+            return {}
         found = self.ledger.indexes_of(record_hashes)
         # Entries beyond the stored blocks' records (see `_records_held`) are not committed
         # as far as this node's chain has come yet.
         end = None if self._blocks is None else self._blocks.records
-        return {h for h, index in found.items() if end is None or index < end}
+        return {h: index for h, index in found.items() if end is None or index < end}
+
+    def committed_index(self, record_hash: bytes) -> int | None:
+        """The log index of the record whose leaf hash is `record_hash` once a block this
+        node holds committed it; None before (or on a node without a ledger)."""
+        return self._committed_indexes([record_hash]).get(record_hash)
+
+    async def wait_committed(self, record_hash: bytes, seconds: float) -> int | None:
+        """`committed_index`, waiting up to `seconds` for a block that commits the record
+        (checked after each commit); None if none did in time."""
+        index = self.committed_index(record_hash)
+        if index is not None or seconds <= 0:
+            return index
+        try:
+            async with self._new_block:
+                await asyncio.wait_for(
+                    self._new_block.wait_for(lambda: self.committed_index(record_hash) is not None),
+                    seconds,
+                )
+        except TimeoutError:
+            return None
+        return self.committed_index(record_hash)
 
 
 def _complete(hashes: list[bytes], lookup: Callable[[bytes], bytes | None]) -> list[bytes] | None:

@@ -490,11 +490,7 @@ class ConsensusService:
         self.directory.mkdir(parents=True, exist_ok=True)
         self._blocks = await asyncio.to_thread(BlockStore, self.directory / BLOCKS_FILE)
         restored = await asyncio.to_thread(self._wal.load)
-        chain = ChainState.genesis(ValidatorSet.from_genesis(self.genesis))
-        for height in range(1, self._blocks.height + 1):
-            block, _ = self._blocks.get(height)
-            chain = chain.after(block, self._decoder)
-            self._learn_authorities(block)
+        chain = await asyncio.to_thread(self._replay, self._blocks)
         self._replayed_in_force = chain.authorities_in_force.validators
         if self.ledger is not None:
             await asyncio.to_thread(self._catch_up_ledger)
@@ -544,6 +540,8 @@ class ConsensusService:
                 log.error("consensus: task %s had failed: %r", task.get_name(), result)
         self._tasks.clear()
         await self.transport.close()
+        if self._blocks is not None:
+            self._blocks.close()
 
     # Inputs -----------------------------------------------------------------------------
 
@@ -947,18 +945,22 @@ class ConsensusService:
                 )
         return held
 
+    def _replay(self, blocks: BlockStore) -> ChainState:
+        """The chain state after every stored block (validator sets, authorities)."""
+        chain = ChainState.genesis(ValidatorSet.from_genesis(self.genesis))
+        for block, _ in blocks:
+            chain = chain.after(block, self._decoder)
+            self._learn_authorities(block)
+        return chain
+
     def _catch_up_ledger(self) -> None:
         """Re-append records of stored blocks the ledger lost in a crash between the two."""
         ledger = self.ledger
         if ledger is None:
             return
-        expected = 0
-        for height in range(1, self.blocks.height + 1):
+        for height in range(self.blocks.height_of_record(ledger.size), self.blocks.height + 1):
             block, _ = self.blocks.get(height)
-            start = expected
-            expected += len(block.records)
-            if ledger.size < expected:
-                ledger.append(block.records[ledger.size - start :])
+            ledger.append(block.records[ledger.size - self.blocks.records_before(height) :])
 
     # Checkpoints ------------------------------------------------------------------------
 

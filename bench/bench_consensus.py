@@ -27,6 +27,9 @@ Reported:
 Each record is a canonical ledger artifact record carrying one DSSE attestation with an
 in-toto statement and an Ed25519 signature, as authorities produce them.
 
+* memory: each node's resident set before the first offer and after the last commit, and
+  its growth per committed record next to the record's own size
+  (``rss_growth_bytes_per_record``, ``record_bytes``).
 * CPU: the node processes' user + system CPU seconds from the first offer to the last
   commit, per committed record and authority (``cpu_ms_per_record_per_authority``), a
   figure that depends less on how busy the shared machine was than records per second;
@@ -266,6 +269,14 @@ def cpu_seconds(pid: int) -> tuple[float, float]:
     return int(fields[11]) / tick, int(fields[12]) / tick
 
 
+def rss_bytes(pid: int) -> int:
+    """Resident memory of `pid` (Linux /proc)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
 def start_profilers(net: LocalNetwork, directory: Path) -> list[subprocess.Popen[bytes]]:
     """One `py-spy record` per node (collapsed stacks, GIL holders only) until SIGINT."""
     directory.mkdir(parents=True, exist_ok=True)
@@ -388,6 +399,7 @@ async def run_processes(
         pids = [net.processes[name].pid for name in names]
         steps_before = step_seconds(net, names)
         cpu_before = [cpu_seconds(pid) for pid in pids]
+        rss_before = [rss_bytes(pid) for pid in pids]
         client_before = resource.getrusage(resource.RUSAGE_SELF)
         profilers = [] if profile is None else start_profilers(net, profile)
         # Every `submit_every` seconds, the records due so far go to their nodes, one
@@ -413,6 +425,7 @@ async def run_processes(
             await asyncio.sleep(0.05)
         client_after = resource.getrusage(resource.RUSAGE_SELF)
         steps_after = step_seconds(net, names)
+        rss_after = [rss_bytes(pid) for pid in pids]
         client_cpu = (client_after.ru_utime - client_before.ru_utime) + (
             client_after.ru_stime - client_before.ru_stime
         )
@@ -472,6 +485,13 @@ async def run_processes(
         },
         "reference_log_append_per_second": reference,
         "ratio_to_reference": throughput / reference,
+        # Memory: what a node's resident set grew by per committed record, against the
+        # record's own size (a node that kept every record in memory would be near 1).
+        "node_rss_mb_before": statistics.mean(rss_before) / 2**20,
+        "node_rss_mb_after": statistics.mean(rss_after) / 2**20,
+        "rss_growth_bytes_per_record": (statistics.mean(rss_after) - statistics.mean(rss_before))
+        / max(committed, 1),
+        "record_bytes": statistics.mean(map(len, records)),
     }
 
 

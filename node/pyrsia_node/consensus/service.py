@@ -134,6 +134,7 @@ SYNC_BATCH = 64
 MAX_BLOCKS_PER_REQUEST = 256
 MAX_RECORDS_PER_REQUEST = 10_000  # a block's worth (ConsensusConfig.max_block_records)
 RECONNECT_SECONDS = 0.5
+RECORD_CHECK_CACHE = 1 << 15
 # Bytes queued for one other authority at most (`Outbox`); a gossip batch is up to 1 MiB.
 OUTBOX_BYTES = 32 << 20
 FETCH_TIMEOUT_SECONDS = 10.0
@@ -376,7 +377,13 @@ class ConsensusService:
         def valid(record: bytes) -> bool:
             return governance_refusal(genesis, record) is None and check(record)
 
-        self._record_checks = lru_cache(maxsize=1 << 17)(lambda _in_force, record: valid(record))
+        # Each entry keeps its record's bytes alive: 32,768 entries are ~40 MB, more than a
+        # saturated network's mempool holds (~20,000 records in the consensus bench), and
+        # the records a block asks about are pending here (found before this cache) or
+        # just gossiped. (131,072 entries held ~150 MB of records already committed.)
+        self._record_checks = lru_cache(maxsize=RECORD_CHECK_CACHE)(
+            lambda _in_force, record: valid(record)
+        )
         # The authorities in force until the core exists: the genesis, then the replayed chain's.
         self._replayed_in_force = ValidatorSet.from_genesis(genesis).validators
         # The set the mempool's records were last checked against (see `_commit`).

@@ -282,9 +282,20 @@ class Node:
             "consensus": self.consensus.status() if self.consensus.started else None,
         }
 
+    def live(self) -> tuple[bool, str]:
+        """False once consensus has stopped (a write failed, e.g. a full disk): the node
+        neither votes nor commits again until restarted, which replays and catches up."""
+        failure = self.consensus.failure() if self.consensus.started else None
+        if failure is not None:
+            return False, f"consensus stopped: {failure}; restart the node"
+        return True, "ok"
+
     def ready(self) -> tuple[bool, str]:
         if not self._started:
             return False, "starting"
+        is_live, reason = self.live()
+        if not is_live:
+            return False, reason
         if self.config.bootstrap and not self.peering.table.connected():
             return False, "no peer connected yet"
         return True, "serving"
@@ -326,6 +337,7 @@ class Node:
                 *build_routes(self.build_client),
                 *mirror,
             ],
+            live=self.live,
         )
         await self._serve(app, self.config.http_port)
         await self._serve(self._metrics_app(), self.config.metrics_port)

@@ -24,9 +24,17 @@ def build_app(
     status: Callable[[], dict[str, Any]],
     ready: Callable[[], tuple[bool, str]],
     extra_routes: Iterable[web.AbstractRouteDef] = (),
+    live: Callable[[], tuple[bool, str]] = lambda: (True, "ok"),
 ) -> web.Application:
+    """``/healthz`` answers 503 with the reason once ``live`` says the node cannot go on
+    without a restart (a liveness probe then restarts it); ``/readyz`` 503 while ``ready``
+    says it should get no traffic."""
+
     async def healthz(_: web.Request) -> web.Response:
-        return web.json_response({"status": "ok"})
+        is_live, reason = live()
+        if is_live:
+            return web.json_response({"status": "ok"})
+        return web.json_response({"status": "failing", "reason": reason}, status=503)
 
     async def readyz(_: web.Request) -> web.Response:
         is_ready, reason = ready()

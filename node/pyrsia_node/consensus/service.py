@@ -487,6 +487,7 @@ class ConsensusService:
             "signing_floor": core.signing_floor,
             "pending_records": len(self.mempool),
             "equivocations": self.equivocations,
+            "failure": self.failure(),
             # Followers: the authority whose committed blocks this node streams.
             "source": None
             if self._following is None
@@ -785,7 +786,19 @@ class ConsensusService:
     @property
     def healthy(self) -> bool:
         """False once the consensus loop has died (e.g. the disk refused a write)."""
-        return self.started and not any(task.done() for task in self._tasks)
+        return self.started and self.failure() is None
+
+    def failure(self) -> str | None:
+        """Why a task of this service has ended (its error), or None while they all run:
+        the node then neither votes nor commits until it is restarted."""
+        for task in self._tasks:
+            if not task.done():
+                continue
+            if task.cancelled():
+                return f"{task.get_name()} was cancelled"
+            error = task.exception()
+            return f"{task.get_name()} ended" + (f": {error!r}" if error else "")
+        return None
 
     async def _run(self) -> None:
         while True:

@@ -23,6 +23,7 @@ from pyrsia_node.api import build_app
 from pyrsia_node.attestation import AcquiredImage, Artifact, attest
 from pyrsia_node.build import artifact_record
 from pyrsia_node.cli import drill_cmd
+from pyrsia_node.cli import main as cli_main
 from pyrsia_node.identity import Identity
 from pyrsia_node.localnet import LocalNetwork, LocalNetworkError, Shape
 
@@ -108,7 +109,7 @@ def make_record(index: int, attester: Identity) -> bytes:
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_a_full_disk_stops_consensus_loudly_and_a_restart_with_space_recovers(
-    small_disk: Path,
+    small_disk: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     net = LocalNetwork(
         small_disk / "net", Shape(4, 0, free_port_block(50), "127.0.0.1", attestation_threshold=1)
@@ -154,6 +155,14 @@ def test_a_full_disk_stops_consensus_loudly_and_a_restart_with_space_recovers(
         for name in stopped:
             status, body = get(f"{urls[name]}/readyz")
             assert status == 503 and body["reason"] == stopped[name]
+        # `pyrsia status` shows them as failing, with the reason, and exits 1.
+        capsys.readouterr()
+        nodes = [arg for url in urls.values() for arg in ("--node", url)]
+        assert cli_main(["status", *nodes]) == 1
+        table = capsys.readouterr().out
+        for name in stopped:
+            assert f"{name}: consensus stopped: " in table
+            assert any(line.startswith(name) and "FAILING" in line for line in table.splitlines())
         before = ledgers()
         stalled = max(ledger["height"] for ledger in before.values() if ledger is not None)
 

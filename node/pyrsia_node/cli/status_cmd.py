@@ -46,15 +46,26 @@ def run(args: argparse.Namespace) -> int:
             rows.append({"url": url, "up": False, "error": str(exc)})
     if args.format == "json":
         print(json.dumps(rows, indent=2))
+    # A node that answers but whose consensus has stopped (a write failed) needs a restart.
+    failures = {
+        row["name"]: row["consensus"]["failure"]
+        for row in rows
+        if row["up"] and (row.get("consensus") or {}).get("failure")
+    }
+    if args.format == "json":
+        print(json.dumps(rows, indent=2))
     else:
-        print(f"{'NODE':<14}{'ROLE':<11}{'UP':<5}{'PEERS':<7}{'HEIGHT':<8}{'NODE ID':<18}URL")
+        print(f"{'NODE':<14}{'ROLE':<11}{'UP':<8}{'PEERS':<7}{'HEIGHT':<8}{'NODE ID':<18}URL")
         for row in rows:
             if row["up"]:
+                up = "FAILING" if row["name"] in failures else "yes"
                 print(
-                    f"{row['name']:<14}{row['role']:<11}{'yes':<5}"
+                    f"{row['name']:<14}{row['role']:<11}{up:<8}"
                     f"{len(row['connected_peers']):<7}{row['ledger']['height']:<8}"
                     f"{row['node_id'][:16]:<18}{row['url']}"
                 )
             else:
-                print(f"{'?':<14}{'?':<11}{'no':<5}{'-':<7}{'-':<8}{'-':<18}{row['url']}")
-    return 0 if all(row["up"] for row in rows) else 1
+                print(f"{'?':<14}{'?':<11}{'no':<8}{'-':<7}{'-':<8}{'-':<18}{row['url']}")
+        for name, failure in failures.items():
+            print(f"{name}: consensus stopped: {failure}; restart the node")
+    return 0 if all(row["up"] for row in rows) and not failures else 1

@@ -130,9 +130,7 @@ def test_a_full_disk_stops_consensus_loudly_and_a_restart_with_space_recovers(
                 seen.add((result[name]["size"], result[name]["root"]))
         return result
 
-    def failing() -> dict[str, str]:
-        answers = {name: get(f"{url}/healthz") for name, url in urls.items()}
-        return {n: body["reason"] for n, (status, body) in answers.items() if status == 503}
+    failing = net.failing
 
     net.start()
     try:

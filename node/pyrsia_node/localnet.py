@@ -15,6 +15,7 @@ network's governance key, and ``submit_record`` hands it to an authority's admin
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import http.client
 import json
@@ -273,6 +274,21 @@ class LocalNetwork:
                 # HTTPException: e.g. a port not yet listened on that the kernel gave the
                 # client as its own source port, so the client read its own request back.
                 result[node.name] = None
+        return result
+
+    def failing(self) -> dict[str, str]:
+        """The running nodes whose ``/healthz`` fails (their consensus stopped): name ->
+        the reason they give. A node that does not answer is not listed (see ``reap``)."""
+        result = {}
+        for name in list(self.processes):
+            try:
+                fetch_json(f"{self.node(name).http_url}/healthz", timeout=0.5)
+            except urllib.error.HTTPError as exc:
+                if exc.code == 503:
+                    with contextlib.suppress(ValueError):
+                        result[name] = str(json.loads(exc.read()).get("reason", "failing"))
+            except (OSError, http.client.HTTPException, ValueError):
+                pass
         return result
 
     def wait_connected(self, timeout: float) -> dict[str, dict[str, Any]]:

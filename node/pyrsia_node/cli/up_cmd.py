@@ -1,8 +1,10 @@
 """``pyrsia up``: run a local network of node processes on loopback until Ctrl-C.
 
 For fault drills by hand: kill -9 (or SIGSTOP, SIGTERM) any node by the pid it prints;
-``pyrsia up`` reports each node that exits, and SIGHUP (``kill -HUP <its pid>``) starts
-every exited node again from its data directory, as a restart after a crash would.
+``pyrsia up`` reports each node that exits, and each whose ``/healthz`` fails (its
+consensus stopped, e.g. on a full disk), and SIGHUP (``kill -HUP <its pid>``) starts every
+exited node again from its data directory, as a restart after a crash would, and restarts
+the failing ones.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pyrsia_node.localnet import LocalNetwork, LocalNetworkError, Shape
 
 DEFAULT_DATA_DIR = Path(".pyrsia-local")
 DOCKER_HUB = "docker.io=https://registry-1.docker.io"
+PROBE_SECONDS = 2.0  # how often the running nodes' /healthz is asked
 
 
 def register(sub: Any) -> None:
@@ -87,16 +90,34 @@ def run(args: argparse.Namespace) -> int:
         print(f"image mirror (OCI pull API): {mirror.host}:{mirror.http_port}")
         print(f"data and logs: {network.root}   Ctrl-C stops every node", flush=True)
         stopped: list[str] = []
+        failing: dict[str, str] = {}  # running, but their consensus stopped (/healthz 503)
+        next_probe = 0.0
         while not stop.is_set():
             for name, status in network.reap().items():
                 stopped.append(name)
+                failing.pop(name, None)
                 print(
                     f"warning: {name} exited with status {_describe(status)}; "
                     f"kill -HUP {os.getpid()} starts it again",
                     flush=True,
                 )
+            if time.monotonic() >= next_probe:
+                next_probe = time.monotonic() + PROBE_SECONDS
+                now_failing = network.failing()
+                for name, reason in now_failing.items():
+                    if name not in failing:
+                        print(
+                            f"warning: {name} is failing ({reason}); "
+                            f"kill -HUP {os.getpid()} restarts it",
+                            flush=True,
+                        )
+                failing = now_failing
             if revive.is_set():
                 revive.clear()
+                for name in failing:
+                    network.restart(name)
+                    print(f"restarted {name} (pid {network.processes[name].pid})", flush=True)
+                failing.clear()
                 for name in stopped:
                     network.start(name)
                     print(f"started {name} again (pid {network.processes[name].pid})", flush=True)

@@ -1,7 +1,8 @@
 """A 2|2 partition by silent packet loss, run inside a network namespace of its own.
 
 Started by ``test_consensus_blackhole.py`` as ``ip netns exec NS python blackhole_scenario.py
-ROOT``; prints one JSON object (what it measured) on its last line of output.
+ROOT SPLIT`` (``2|2`` or ``1|3``, see ``SPLITS``); prints one JSON object (what it measured)
+on its last line of output.
 
 The proxy of ``test_consensus_faults.py`` partitions by closing connections: both ends see
 the break at once. A partition on a real network is silent: packets vanish, connections
@@ -13,10 +14,10 @@ node of the other half is marked (``CONNMARK``) by the first packet it sends, an
 the split one rule drops every packet of a marked connection, both ways. Nodes in one half
 keep talking; the admin API and ``pyrsia drill`` (group 0) are never filtered.
 
-While ``pyrsia drill`` keeps records coming, the scenario splits {authority-0, authority-1,
-peer-0} from {authority-2, authority-3}, holds the split, heals it, and reports the heights
-seen, the packets dropped, how long after the heal every authority committed again, and
-what the drill found (one state, one history, records committed).
+While ``pyrsia drill`` keeps records coming, the scenario splits the nodes into the two
+sides of ``SPLITS[SPLIT]``, holds the split, heals it, and reports the heights seen, the
+packets dropped, how long after the heal every authority was past the highest height any
+reached during the split, and what the drill found (one state, one history).
 """
 
 from __future__ import annotations
@@ -34,7 +35,12 @@ from pyrsia_node.localnet import LocalNetwork, Shape, fetch_json
 
 BASE_PORT = 21000
 FIRST_GROUP = 61000
-SIDES = ({"authority-0", "authority-1", "peer-0"}, {"authority-2", "authority-3"})
+SPLITS = {
+    # Two halves of two authorities: neither has a quorum.
+    "2|2": ({"authority-0", "authority-1", "peer-0"}, {"authority-2", "authority-3"}),
+    # One authority cut off: the other three (a quorum) go on without it.
+    "1|3": ({"authority-0"}, {"authority-1", "authority-2", "authority-3", "peer-0"}),
+}
 AUTHORITIES = ("authority-0", "authority-1", "authority-2", "authority-3")
 GRACE = 3.0  # after the split: a block whose precommits were already out may still commit
 SPLIT = 20.0  # seconds the split is held after the grace
@@ -50,9 +56,9 @@ def iptables(*args: str) -> str:
     return subprocess.run(["iptables", *args], check=True, capture_output=True, text=True).stdout
 
 
-def mark_cross_connections(net: GroupedNetwork) -> None:
-    """Every connection a node opens to a gRPC port of the other half gets mark 1."""
-    for side, other in (SIDES, SIDES[::-1]):
+def mark_cross_connections(net: GroupedNetwork, sides: tuple[set[str], set[str]]) -> None:
+    """Every connection a node opens to a gRPC port of the other side gets mark 1."""
+    for side, other in (sides, sides[::-1]):
         ports = ",".join(str(net.node(name).grpc_port) for name in sorted(other))
         for name in sorted(side):
             group = net.group_of(net.node(name))
@@ -95,12 +101,12 @@ def wait_for(condition: Any, timeout: float) -> float | None:
     return None
 
 
-def main(root: Path) -> dict[str, Any]:
+def main(root: Path, split: str) -> dict[str, Any]:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     net = GroupedNetwork(root, Shape(4, 1, BASE_PORT, "127.0.0.1", attestation_threshold=1))
     drill = None
     try:
-        mark_cross_connections(net)
+        mark_cross_connections(net, SPLITS[split])
         net.start()
         net.wait_connected(timeout=60)
         drill_log = (root / "drill.log").open("w")
@@ -147,4 +153,4 @@ def main(root: Path) -> dict[str, Any]:
 if __name__ == "__main__":
     if os.geteuid() != 0:
         sys.exit("run as root inside a network namespace of its own")
-    print(json.dumps(main(Path(sys.argv[1]))), flush=True)
+    print(json.dumps(main(Path(sys.argv[1]), sys.argv[2] if len(sys.argv) > 2 else "2|2")))

@@ -40,6 +40,20 @@ def test_blocks_come_back_after_a_reopen_in_order(tmp_path: Path) -> None:
             opened.get(5)
 
 
+def test_a_range_can_be_bounded_in_record_bytes(tmp_path: Path) -> None:
+    blocks = chain([2, 0, 3, 1, 4])  # records of 1,000 bytes
+    store = BlockStore(tmp_path / "blocks", cache_bytes=0)
+    for block, cert in blocks:
+        store.append(block, cert)
+    assert store.range(1, 10, max_bytes=2_500) == blocks[:3]  # 2,000 then 5,000 bytes
+    assert store.range(2, 10, max_bytes=1) == blocks[1:3]  # the empty block, then one more
+    assert store.range(5, 10, max_bytes=1) == blocks[4:]  # one block at least
+    assert store.range(1, 2, max_bytes=10**6) == blocks[:2]
+    # A cache of 0 bytes still keeps the last block; a default one keeps these 10 KB.
+    assert [store.cached(h) for h in range(1, 6)] == [False] * 4 + [True]
+    assert all(BlockStore(tmp_path / "blocks").cached(h) for h in range(1, 6))
+
+
 def test_record_positions_map_to_heights(tmp_path: Path) -> None:
     store = BlockStore(tmp_path / "blocks")
     for block, cert in chain([0, 0, 3, 0, 2], size=8):

@@ -86,9 +86,25 @@ class BlockStore:
             return cached[0]
         return self._read(height)
 
-    def range(self, from_height: int, limit: int) -> list[Entry]:
+    def range(self, from_height: int, limit: int, max_bytes: int | None = None) -> list[Entry]:
+        """Up to ``limit`` blocks from ``from_height`` on; with ``max_bytes``, no more once
+        their records reach that many bytes (one block at least), so that a reader
+        catching up holds a bounded amount of old blocks at a time."""
         start = max(from_height, 1)
-        return [self.get(h) for h in range(start, min(start + limit, self.height + 1))]
+        entries: list[Entry] = []
+        size = 0
+        for height in range(start, min(start + limit, self.height + 1)):
+            if entries and max_bytes is not None and size >= max_bytes:
+                break
+            entry = self.get(height)
+            entries.append(entry)
+            size += sum(map(len, entry[0].records))
+        return entries
+
+    def cached(self, height: int) -> bool:
+        """Whether block ``height`` is in memory (``get`` reads no file for it)."""
+        with self._lock:
+            return height in self._cache
 
     def __iter__(self) -> Iterator[Entry]:
         """Every stored block from height 1, read in order (for replays at start-up)."""

@@ -131,6 +131,7 @@ log = logging.getLogger(__name__)
 WAL_FILE = "wal"
 BLOCKS_FILE = "blocks"
 SYNC_BATCH = 64
+SYNC_BATCH_BYTES = 16 << 20  # of records read from the block file at a time, per request
 MAX_BLOCKS_PER_REQUEST = 256
 MAX_RECORDS_PER_REQUEST = 10_000  # a block's worth (ConsensusConfig.max_block_records)
 RECONNECT_SECONDS = 0.5
@@ -767,7 +768,12 @@ class ConsensusService:
         remaining = limit if limit > 0 else (1 << 62 if follow else MAX_BLOCKS_PER_REQUEST)
         remaining = remaining if follow else min(remaining, MAX_BLOCKS_PER_REQUEST)
         while remaining > 0:
-            for item in self.blocks.range(height, min(remaining, SYNC_BATCH)):
+            batch = min(remaining, SYNC_BATCH)
+            if self.blocks.cached(height):  # a follower at the head: in memory
+                items = self.blocks.range(height, batch, SYNC_BATCH_BYTES)
+            else:  # older blocks are read from the file: not on the event loop
+                items = await asyncio.to_thread(self.blocks.range, height, batch, SYNC_BATCH_BYTES)
+            for item in items:
                 yield item
                 height += 1
                 remaining -= 1

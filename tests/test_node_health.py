@@ -161,6 +161,10 @@ def test_a_full_disk_stops_consensus_loudly_and_a_restart_with_space_recovers(
         for name in stopped:
             assert f"{name}: consensus stopped: " in table
             assert any(line.startswith(name) and "FAILING" in line for line in table.splitlines())
+        assert cli_main(["status", "--format", "json", *nodes]) == 1
+        rows = {row["name"]: row for row in json.loads(capsys.readouterr().out)}
+        for name in stopped:
+            assert rows[name]["consensus"]["failure"] in stopped[name]
         before = ledgers()
         stalled = max(ledger["height"] for ledger in before.values() if ledger is not None)
 

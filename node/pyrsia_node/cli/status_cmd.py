@@ -44,8 +44,6 @@ def run(args: argparse.Namespace) -> int:
             rows.append({"url": url, "up": True, **status})
         except (OSError, urllib.error.URLError, ValueError) as exc:
             rows.append({"url": url, "up": False, "error": str(exc)})
-    if args.format == "json":
-        print(json.dumps(rows, indent=2))
     # A node that answers but whose consensus has stopped (a write failed) needs a restart.
     failures = {
         row["name"]: row["consensus"]["failure"]

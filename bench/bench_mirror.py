@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
 import hashlib
 import json
 import os
@@ -55,11 +56,14 @@ from pathlib import Path
 import aiohttp
 import psutil
 from pyrsia_node.acquire import UpstreamClient, acquire_image
-from pyrsia_node.attestation import AcquiredImage, Artifact
+from pyrsia_node.attestation import AcquiredImage, Artifact, attest
+from pyrsia_node.build import artifact_record
+from pyrsia_node.catalog import LedgerCatalog
 from pyrsia_node.genesis import Upstream
 from pyrsia_node.identity import Identity
+from pyrsia_node.ledger import TransparencyLog
 from pyrsia_node.localnet import LocalNetwork, Shape
-from pyrsia_node.registry import ImageCatalog, routes
+from pyrsia_node.registry import routes
 from pyrsia_node.store import BlobStore
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
@@ -331,9 +335,19 @@ def serve_node(store_root: str, image_json: str, port: str) -> None:
         (),
         tuple(Artifact(**b) for b in doc["blobs"]),
     )
-    catalog = ImageCatalog()
-    catalog.add(image)
+    # The image committed as a node commits it: one attested record in a transparency log,
+    # served through the node's ledger-backed catalog.
+    index = Path(tempfile.mkdtemp(prefix="bench-mirror-index-"))
+    ledger = TransparencyLog(index / "ledger")
+    _, envelope = attest(image, "bench", dt.datetime.now(dt.UTC), Identity.generate())
+    ledger.append([artifact_record(image, [envelope]).encode()])
+    catalog = LedgerCatalog(ledger, index / "catalog.sqlite3")
+
+    async def index_it(_: web.Application) -> None:
+        await catalog.refresh()
+
     app = web.Application()
+    app.on_startup.append(index_it)
     app.add_routes(routes(catalog, BlobStore(Path(store_root)), default_registry=image.registry))
     web.run_app(app, host="127.0.0.1", port=int(port), print=None, access_log=None)
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+from image_catalog import ImageCatalog
 from prometheus_client import CollectorRegistry
 from pyrsia.v1 import build_pb2
 from pyrsia_node.attestation import AcquiredImage, Artifact, Envelope, attest, decide
@@ -44,7 +45,7 @@ from pyrsia_node.ledger.records import (
     PackageType,
     record_hash,
 )
-from pyrsia_node.registry import BuildRejected, BuildRequest, ImageCatalog, RepositoryName
+from pyrsia_node.registry import BuildRejected, BuildRequest, RepositoryName
 from pyrsia_node.store import BlobStore
 
 NOW = dt.datetime(2026, 1, 2, 3, 4, 5, tzinfo=dt.UTC)

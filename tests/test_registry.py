@@ -16,6 +16,7 @@ import oras.client
 import psutil
 import pytest
 from aiohttp import web
+from image_catalog import ImageCatalog
 from oci_fixtures import (
     DOCKER_LIST,
     OCI_INDEX,
@@ -40,7 +41,6 @@ from pyrsia_node.registry import (
     BuildRejected,
     BuildRequest,
     ContentUnavailable,
-    ImageCatalog,
     Mode,
     RepositoryName,
     RequestBuild,

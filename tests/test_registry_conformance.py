@@ -30,6 +30,7 @@ import aiohttp
 import oras.client
 import pytest
 from aiohttp import web
+from image_catalog import ImageCatalog
 from multidict import CIMultiDict
 from oci_fixtures import (
     DOCKER_CONFIG,
@@ -48,7 +49,6 @@ from oci_fixtures import (
 from pyrsia_node.attestation import AcquiredImage, Artifact
 from pyrsia_node.registry import (
     BuildRequest,
-    ImageCatalog,
     ManifestRef,
     RepositoryName,
     accepts,

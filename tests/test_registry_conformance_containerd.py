@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from image_catalog import ImageCatalog
 from oci_fixtures import (
     TOOL_TIMEOUT,
     SeededImages,
@@ -31,7 +32,7 @@ from oci_fixtures import (
     upstream_registry,
 )
 from pyrsia_node.attestation import AcquiredImage
-from pyrsia_node.registry import BuildRequest, ImageCatalog, RepositoryName, routes
+from pyrsia_node.registry import BuildRequest, RepositoryName, routes
 from pyrsia_node.store import BlobStore
 from test_registry_conformance import Content, build_images, serve
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from aiohttp import web
 from aiohttp.test_utils import TestClient, TestServer
+from image_catalog import ImageCatalog
 from prometheus_client import CollectorRegistry
 from pyrsia_node.attestation import AcquiredImage, Artifact
-from pyrsia_node.registry import ImageCatalog, routes
+from pyrsia_node.registry import routes
 from pyrsia_node.store import BlobStore
 
 OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"

@@ -58,7 +58,7 @@ import json
 import logging
 import re
 from collections.abc import Callable, Coroutine, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 from urllib.parse import urlencode
 
@@ -67,7 +67,6 @@ from aiohttp.abc import AbstractStreamWriter
 from prometheus_client import CollectorRegistry, Counter
 
 from pyrsia_node.acquire.manifest import DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
-from pyrsia_node.attestation import AcquiredImage
 from pyrsia_node.follow import BlobFeed, FeedDetached, Follow, read_from
 from pyrsia_node.store import BlobNotFound, BlobStore
 
@@ -153,41 +152,6 @@ class Catalog(Protocol):
 
     async def has_blob(self, name: RepositoryName, digest: str) -> bool:
         """True when a committed record of ``name`` covers blob ``digest``."""
-
-
-@dataclass(slots=True)
-class ImageCatalog:
-    """A ``Catalog`` over committed ``AcquiredImage`` values, held in memory.
-
-    The owner feeds it every image whose record committed (``add``); a later commit for
-    the same tag moves the tag. Content stays reachable by digest.
-    """
-
-    _tags: dict[RepositoryName, dict[str, ManifestRef]] = field(default_factory=dict)
-    _manifests: dict[RepositoryName, dict[str, ManifestRef]] = field(default_factory=dict)
-    _blobs: dict[RepositoryName, set[str]] = field(default_factory=dict)
-
-    def add(self, image: AcquiredImage) -> None:
-        name = RepositoryName(image.registry, image.repository)
-        root = ManifestRef(image.root.digest, image.root.media_type, image.root.size)
-        self._tags.setdefault(name, {})[image.tag] = root
-        manifests = self._manifests.setdefault(name, {})
-        manifests[root.digest] = root
-        for m in image.manifests:
-            manifests[m.digest] = ManifestRef(m.digest, m.media_type, m.size)
-        self._blobs.setdefault(name, set()).update(b.digest for b in image.blobs)
-
-    async def resolve(self, name: RepositoryName, reference: str) -> ManifestRef | None:
-        if _DIGEST.match(reference):
-            return self._manifests.get(name, {}).get(reference)
-        return self._tags.get(name, {}).get(reference)
-
-    async def tags(self, name: RepositoryName) -> Sequence[str] | None:
-        tags = self._tags.get(name)
-        return None if tags is None else sorted(tags)
-
-    async def has_blob(self, name: RepositoryName, digest: str) -> bool:
-        return digest in self._blobs.get(name, ()) or digest in self._manifests.get(name, {})
 
 
 class RegistryError(web.HTTPException):

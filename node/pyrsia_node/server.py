@@ -96,7 +96,7 @@ class Node:
             interval=1.0,
             is_authority=lambda node_id: node_id in self._authorities_in_force(),
         )
-        self.catalog = LedgerCatalog(self.ledger)
+        self.catalog = LedgerCatalog(self.ledger, config.data_dir / "catalog.sqlite3")
         # The node-id -> key map of the authorities it was built for (see
         # `_authorities_in_force`).
         self._in_force_ids: tuple[tuple[bytes, ...], Mapping[str, bytes]] = ((), {})
@@ -405,6 +405,7 @@ class Node:
         for runner in self._runners:
             await runner.cleanup()
         await self.peering.close()
+        await self.catalog.close()
         self.ledger.close()
 
 

@@ -441,6 +441,15 @@ class TransparencyLog:
                 yield chunk + offset, blob[previous - base : record_end - base]
                 previous = record_end
 
+    def entries(self, start: int, end: int) -> Iterator[bytes]:
+        """The canonical record bytes of entries ``[start, end)``, in order, read in chunks
+        (``entry`` reads one at a time). The range is checked against the size now; entries
+        once committed never change, so appends meanwhile do not disturb the reading."""
+        with self._mutex:
+            if not 0 <= start <= end <= self._size:
+                raise EntryNotFound(f"entries {start}..{end}: the log holds {self._size}")
+        return (record for _, record in self._iter_entries(start, end))
+
     def subtree_hash(self, level: int, index: int) -> bytes:
         """Hash of perfect subtree ``(level, index)``; see :class:`merkle.SubtreeHashes`."""
         with self._mutex:

@@ -44,7 +44,7 @@ from pyrsia_node.consensus.service import (
     initialize_state,
 )
 from pyrsia_node.consensus.validators import GENESIS_PREV_HASH
-from pyrsia_node.consensus.wal import Step
+from pyrsia_node.consensus.wal import Step, WalError, WalState
 from pyrsia_node.consensus.wire import compact_proposal_to_pb, hello_signing_bytes
 from pyrsia_node.genesis import Authority, Genesis
 from pyrsia_node.identity import Identity
@@ -872,3 +872,45 @@ async def test_stop_closes_the_transport_after_a_task_died_of_an_error(tmp_path:
     finally:
         for n in nodes:
             await n.server.stop(None)
+
+
+async def test_the_failure_reported_is_the_first_and_stays_when_more_tasks_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A full disk stops several tasks one after the other (here the cosigner at its note,
+    then the core at a write-ahead write): the reason given (liveness probe, `pyrsia
+    status`) is the first one, and it does not change under the operator's eyes."""
+    identity = Identity.generate()
+    service = ConsensusService(
+        identity, lone_genesis(identity), tmp_path, None, RecordingTransport()
+    )
+    disk_full = False
+    append = service._wal.append
+
+    def append_unless_full(state: WalState) -> None:
+        if disk_full:
+            raise WalError("cannot write write-ahead file: No space left on device")
+        append(state)
+
+    monkeypatch.setattr(service._wal, "append", append_unless_full)
+    await service.start()
+
+    async def cosigner_on_a_full_disk() -> None:
+        raise OSError(28, "database or disk is full")
+
+    cosigner = asyncio.create_task(cosigner_on_a_full_disk(), name="consensus-cosign")
+    cosigner.add_done_callback(service._ended)
+    service._tasks.append(cosigner)
+    await asyncio.gather(cosigner, return_exceptions=True)
+    await asyncio.sleep(0)
+    first = service.failure()
+    assert first == "consensus-cosign ended: OSError(28, 'database or disk is full')"
+    assert not service.healthy
+    disk_full = True
+    service.submit(record(1))
+    core = service._tasks[0]
+    await wait_for(core.done)
+    assert isinstance(core.exception(), WalError)
+    assert service.failure() == first
+    await service.stop()
+    assert service.failure() == first  # the stop's cancellations are no failure

@@ -400,6 +400,7 @@ class ConsensusService:
         # When the core entered its current step (`pyrsia_consensus_step_seconds`).
         self._since = clock()
         self._tasks: list[asyncio.Task[None]] = []
+        self._failure: str | None = None  # see `failure`
         self._sync_task: asyncio.Task[None] | None = None
         self._new_block = asyncio.Condition()
         self._addresses = {a.public_key: a.grpc_address for a in genesis.authorities}
@@ -528,6 +529,8 @@ class ConsensusService:
             self._tasks.append(asyncio.create_task(self._cosigner(), name="consensus-cosign"))
         if not self.is_validator():
             self._tasks.append(asyncio.create_task(self._follow(), name="consensus-follow"))
+        for task in self._tasks:
+            task.add_done_callback(self._ended)
         self._events.put_nowait(_START)
 
     async def stop(self) -> None:
@@ -539,6 +542,7 @@ class ConsensusService:
             *self._fetches,
             *([self._sync_task] if self._sync_task else []),
         ]
+        self._tasks.clear()  # what ends from here on is the stop, not a failure
         for task in tasks:
             task.cancel()
         # A task that died of an error (e.g. the consensus loop stopped by a log that is not
@@ -547,7 +551,6 @@ class ConsensusService:
         for task, result in zip(tasks, results, strict=True):
             if isinstance(result, Exception):
                 log.error("consensus: task %s had failed: %r", task.get_name(), result)
-        self._tasks.clear()
         await self.transport.close()
         if self._blocks is not None:
             self._blocks.close()
@@ -795,16 +798,20 @@ class ConsensusService:
         return self.started and self.failure() is None
 
     def failure(self) -> str | None:
-        """Why a task of this service has ended (its error), or None while they all run:
-        the node then neither votes nor commits until it is restarted."""
-        for task in self._tasks:
-            if not task.done():
-                continue
-            if task.cancelled():
-                return f"{task.get_name()} was cancelled"
-            error = task.exception()
-            return f"{task.get_name()} ended" + (f": {error!r}" if error else "")
-        return None
+        """Why the first task of this service to end has ended (its error), or None while
+        they all run: the node then neither votes nor commits until it is restarted. It
+        stays the first one's reason when others end after it (they often fail for the
+        same cause, e.g. a full disk, a moment later)."""
+        return self._failure
+
+    def _ended(self, task: asyncio.Task[None]) -> None:
+        if self._failure is not None or not self._tasks:  # not the first, or stopping
+            return
+        if task.cancelled():
+            self._failure = f"{task.get_name()} was cancelled"
+            return
+        error = task.exception()
+        self._failure = f"{task.get_name()} ended" + (f": {error!r}" if error else "")
 
     async def _run(self) -> None:
         while True:

@@ -55,6 +55,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -256,6 +257,19 @@ def reference_append(records: list[bytes], batch: int, root: Path) -> float:
         ledger.close()
 
 
+def fsync_figures(seconds: list[float]) -> dict[str, float]:
+    ordered = sorted(seconds)
+    if not ordered:
+        return {}
+    return {
+        "count": len(ordered),
+        "p50": 1000 * percentile(ordered, 0.5),
+        "p99": 1000 * percentile(ordered, 0.99),
+        "max": 1000 * ordered[-1],
+        "over_100ms": sum(1 for s in ordered if s > 0.1),
+    }
+
+
 def percentile(sorted_values: list[float], fraction: float) -> float:
     if not sorted_values:
         return float("nan")
@@ -297,8 +311,10 @@ def start_profilers(net: LocalNetwork, directory: Path) -> list[subprocess.Popen
 
 def step_seconds(net: LocalNetwork, names: list[str]) -> dict[str, float]:
     """Seconds the nodes `names` spent in each consensus step so far, summed
-    (`pyrsia_consensus_step_seconds` from their metrics endpoints)."""
-    totals = dict.fromkeys(STEPS, 0.0)
+    (`pyrsia_consensus_step_seconds` from their metrics endpoints), and under
+    ``round_changes`` the rounds they moved on from without a decision
+    (`pyrsia_consensus_round_changes_total`), summed too."""
+    totals = dict.fromkeys([*STEPS, "round_changes"], 0.0)
     for name in names:
         node = net.node(name)
         url = f"http://{node.host}:{node.metrics_port}/metrics"
@@ -309,10 +325,45 @@ def step_seconds(net: LocalNetwork, names: list[str]) -> dict[str, float]:
                 for sample in family.samples:
                     if sample.name.endswith("_sum"):
                         totals[sample.labels["step"]] += sample.value
+            elif family.name == "pyrsia_consensus_round_changes":
+                totals["round_changes"] += sum(s.value for s in family.samples)
     return totals
 
 
 STEADY_AFTER = 2.0  # seconds after the first offer: the start-up blocks are past
+
+
+class FsyncProbe:
+    """Every `every` seconds, in a thread, appends 4 KiB to a file beside the nodes' data
+    and fsyncs it, as a node's write-ahead write does, and keeps how long each took: the
+    disk's own flush latency during the run, the reference for the nodes' waits on it
+    (every vote waits for one; the nodes of a `LocalNetwork` share the disk)."""
+
+    def __init__(self, directory: Path, every: float = 0.02) -> None:
+        self._path = directory / "fsync-probe"
+        self._every = every
+        self._stop = threading.Event()
+        self.seconds: list[float] = []
+        self._thread = threading.Thread(target=self._run, name="fsync-probe", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        block = os.urandom(4096)
+        while not self._stop.wait(self._every):
+            started = time.perf_counter()
+            fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            try:
+                os.write(fd, block)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            self.seconds.append(time.perf_counter() - started)
 
 
 async def run_processes(
@@ -322,7 +373,7 @@ async def run_processes(
     root: Path,
     profile: Path | None = None,
     submit_every: float = TICK,
-) -> dict[str, float | str]:
+) -> dict[str, object]:
     net = LocalNetwork(
         root / "net",
         Shape(
@@ -402,6 +453,8 @@ async def run_processes(
         rss_before = [rss_bytes(pid) for pid in pids]
         client_before = resource.getrusage(resource.RUSAGE_SELF)
         profilers = [] if profile is None else start_profilers(net, profile)
+        probe = FsyncProbe(root)
+        probe.start()
         # Every `submit_every` seconds, the records due so far go to their nodes, one
         # SubmitRecords each.
         start = time.perf_counter()
@@ -423,6 +476,7 @@ async def run_processes(
         deadline = time.perf_counter() + 60
         while committed < total - len(rejected) and time.perf_counter() < deadline:  # noqa: ASYNC110
             await asyncio.sleep(0.05)
+        probe.stop()
         client_after = resource.getrusage(resource.RUSAGE_SELF)
         steps_after = step_seconds(net, names)
         rss_after = [rss_bytes(pid) for pid in pids]
@@ -483,8 +537,17 @@ async def run_processes(
             step: 1000 * (steps_after[step] - steps_before[step]) / authorities / max(blocks, 1)
             for step in STEPS
         },
+        # Rounds the authorities moved on from without deciding (each costs its height at
+        # least the propose timeout), per authority.
+        "round_changes_per_authority": (
+            steps_after["round_changes"] - steps_before["round_changes"]
+        )
+        / authorities,
         "reference_log_append_per_second": reference,
         "ratio_to_reference": throughput / reference,
+        # The shared disk's flush latency over the same span (`FsyncProbe`): a vote waits
+        # for one fsync, a height for several, so its tail shows in the latency's tail.
+        "fsync_probe_ms": fsync_figures(probe.seconds),
         # Memory: what a node's resident set grew by per committed record, against the
         # record's own size (a node that kept every record in memory would be near 1).
         "node_rss_mb_before": statistics.mean(rss_before) / 2**20,
@@ -514,7 +577,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="pyrsia-bench-") as tmp:
-        result: dict[str, float | str]
+        result: dict[str, object]
         if args.mode == "processes":
             result = asyncio.run(
                 run_processes(

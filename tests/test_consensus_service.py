@@ -914,3 +914,90 @@ async def test_the_failure_reported_is_the_first_and_stays_when_more_tasks_end(
     assert service.failure() == first
     await service.stop()
     assert service.failure() == first  # the stop's cancellations are no failure
+
+
+# SubmitRecord(s) with wait_seconds: answered once committed ----------------------------
+
+
+@pytest.fixture
+async def lone_authority(tmp_path: Path) -> AsyncIterator[Node]:
+    """An authority alone in its network, over real gRPC: it commits what it admits."""
+    node = await make_node(tmp_path, "authority-0")
+    initialize_state(node.directory / "consensus")
+    await start(node, lone_genesis(node.identity, node.address))
+    yield node
+    await stop(node)
+
+
+async def test_a_submission_that_waits_gets_the_log_index_once_committed(
+    lone_authority: Node,
+) -> None:
+    async with grpc.aio.insecure_channel(lone_authority.address) as channel:
+        stub = pb_grpc.ConsensusStub(channel)
+        first = await stub.SubmitRecord(pb.SubmitRecordRequest(record=record(1), wait_seconds=20))
+        assert (first.accepted, first.committed, first.log_index) == (True, True, 0)
+        started = time.monotonic()
+        batch = await stub.SubmitRecords(
+            pb.SubmitRecordsRequest(records=[record(2), record(3), b"junk"], wait_seconds=20)
+        )
+        # The refused one is answered at once, and not waited for.
+        assert time.monotonic() - started < 10
+        answers = [(r.accepted, r.committed) for r in batch.results]
+        assert answers == [(True, True), (True, True), (False, False)]
+        assert sorted(r.log_index for r in batch.results[:2]) == [1, 2]
+        assert batch.results[2].reason
+        # Resubmitted: refused without a wait, as before; with one, its index again.
+        again = await stub.SubmitRecord(pb.SubmitRecordRequest(record=record(1)))
+        assert not again.accepted and "already in the ledger" in again.reason
+        again = await stub.SubmitRecord(pb.SubmitRecordRequest(record=record(1), wait_seconds=1))
+        assert (again.accepted, again.reason) == (False, "already committed")
+        assert (again.committed, again.log_index) == (True, 0)
+
+
+async def test_a_submission_waits_no_longer_than_asked_when_nothing_commits(
+    tmp_path: Path,
+) -> None:
+    """One authority of four running: no quorum, so the wait ends uncommitted."""
+    nodes = [await make_node(tmp_path, f"authority-{i}") for i in range(4)]
+    initialize_state(nodes[0].directory / "consensus")
+    await start(nodes[0], make_genesis(nodes))
+    try:
+        async with grpc.aio.insecure_channel(nodes[0].address) as channel:
+            stub = pb_grpc.ConsensusStub(channel)
+            started = time.monotonic()
+            reply = await stub.SubmitRecord(
+                pb.SubmitRecordRequest(record=record(4), wait_seconds=0.3)
+            )
+            assert time.monotonic() - started >= 0.3
+            assert (reply.accepted, reply.committed) == (True, False)
+            reply = await stub.SubmitRecord(
+                pb.SubmitRecordRequest(record=record(4), wait_seconds=0.1)
+            )
+            assert (reply.accepted, reply.reason, reply.committed) == (
+                False,
+                "already pending",
+                False,
+            )
+    finally:
+        await stop(nodes[0])
+        for node in nodes[1:]:
+            await node.server.stop(None)
+
+
+@pytest.mark.parametrize("wait", [-1.0, 61.0, float("nan"), float("inf")])
+async def test_a_wait_that_is_not_seconds_from_0_to_60_is_an_invalid_argument(
+    lone_authority: Node, wait: float
+) -> None:
+    async with grpc.aio.insecure_channel(lone_authority.address) as channel:
+        stub = pb_grpc.ConsensusStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.SubmitRecord(pb.SubmitRecordRequest(record=record(5), wait_seconds=wait))
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "wait" in (refused.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.SubmitRecords(
+                pb.SubmitRecordsRequest(records=[record(5)], wait_seconds=wait)
+            )
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert lone_authority.service is not None
+    assert record(5) not in lone_authority.service.mempool  # refused before it was looked at

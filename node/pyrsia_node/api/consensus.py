@@ -32,12 +32,11 @@ from __future__ import annotations
 from aiohttp import web
 
 from pyrsia_node.consensus.mempool import RecordRejected
-from pyrsia_node.consensus.service import ConsensusService
+from pyrsia_node.consensus.service import MAX_SUBMIT_WAIT_SECONDS, ConsensusService
 from pyrsia_node.merkle import leaf_hash
 
 PATH = "/api/v1/records"
 CONTENT_TYPE = "application/octet-stream"
-MAX_WAIT_SECONDS = 60.0
 
 
 def _error(status: int, message: str) -> web.Response:
@@ -56,8 +55,8 @@ def routes(consensus: ConsensusService) -> list[web.RouteDef]:
             wait = float(request.query.get("wait", "0"))
         except ValueError:
             wait = -1.0
-        if not 0 <= wait <= MAX_WAIT_SECONDS:  # also refuses nan
-            return _error(400, f"wait: seconds from 0 to {MAX_WAIT_SECONDS:.0f}")
+        if not 0 <= wait <= MAX_SUBMIT_WAIT_SECONDS:  # also refuses nan
+            return _error(400, f"wait: seconds from 0 to {MAX_SUBMIT_WAIT_SECONDS:.0f}")
         if not consensus.started:
             return _error(503, "consensus is starting; retry")
         if not consensus.is_validator():
@@ -65,30 +64,13 @@ def routes(consensus: ConsensusService) -> list[web.RouteDef]:
         record = await request.read()
         if not record:
             return _error(400, "empty body: send one canonical ledger record")
-        record_hash = leaf_hash(record)
-
-        def committed(index: int) -> web.Response:
-            body = {"record_hash": record_hash.hex(), "status": "committed", "index": index}
+        (outcome,) = await consensus.submit_all_waiting([record], wait)
+        if isinstance(outcome, RecordRejected):
+            return _error(400, outcome.reason)
+        body: dict[str, object] = {"record_hash": leaf_hash(record).hex(), "status": outcome.status}
+        if outcome.index is not None:
+            body["index"] = outcome.index
             return web.json_response(body, status=200)
-
-        if wait and (index := consensus.committed_index(record_hash)) is not None:
-            return committed(index)
-        try:
-            new = consensus.submit(record)
-        except RecordRejected as exc:
-            # Committed between the look-up above and the submission: what was waited for.
-            if wait and (index := consensus.committed_index(record_hash)) is not None:
-                return committed(index)
-            return _error(400, exc.reason)
-        body = {
-            "record_hash": record_hash.hex(),
-            "status": "admitted" if new else "already pending",
-        }
-        if wait:
-            index = await consensus.wait_committed(record_hash, wait)
-            if index is not None:
-                return committed(index)
-            return web.json_response(body, status=202)
-        return web.json_response(body, status=202 if new else 200)
+        return web.json_response(body, status=202 if outcome.new or wait else 200)
 
     return [web.post(PATH, submit)]

@@ -55,9 +55,10 @@ import logging
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from dataclasses import dataclass
 from functools import lru_cache, partial
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import grpc
 from prometheus_client import CollectorRegistry
@@ -150,6 +151,8 @@ GOSSIP_INTERVAL = 0.025
 ASK_NEXT_AFTER = 0.2
 # Compact proposals waiting for records, per sending authority.
 WAITING_PROPOSALS_PER_SENDER = 2
+# The longest a submission may wait for its record's commit (`submit_all_waiting`).
+MAX_SUBMIT_WAIT_SECONDS = 60.0
 
 ChannelFactory = Callable[[str], grpc.aio.Channel]
 
@@ -1230,26 +1233,76 @@ class ConsensusService:
         end = None if self._blocks is None else self._blocks.records
         return {h: index for h, index in found.items() if end is None or index < end}
 
-    def committed_index(self, record_hash: bytes) -> int | None:
-        """The log index of the record whose leaf hash is `record_hash` once a block this
-        node holds committed it; None before (or on a node without a ledger)."""
-        return self._committed_indexes([record_hash]).get(record_hash)
+    async def wait_committed_all(
+        self, record_hashes: Sequence[bytes], seconds: float
+    ) -> dict[bytes, int]:
+        """The log index of each of `record_hashes` committed within `seconds` (checked
+        after each commit, those still missing only); the others are left out."""
+        found = self._committed_indexes(record_hashes)
+        missing = [h for h in dict.fromkeys(record_hashes) if h not in found]
 
-    async def wait_committed(self, record_hash: bytes, seconds: float) -> int | None:
-        """`committed_index`, waiting up to `seconds` for a block that commits the record
-        (checked after each commit); None if none did in time."""
-        index = self.committed_index(record_hash)
-        if index is not None or seconds <= 0:
-            return index
-        try:
-            async with self._new_block:
-                await asyncio.wait_for(
-                    self._new_block.wait_for(lambda: self.committed_index(record_hash) is not None),
-                    seconds,
-                )
-        except TimeoutError:
-            return None
-        return self.committed_index(record_hash)
+        def all_found() -> bool:
+            missing[:] = [h for h in missing if h not in found]
+            found.update(self._committed_indexes(missing))
+            return all(h in found for h in missing)
+
+        if missing and seconds > 0:
+            with contextlib.suppress(TimeoutError):
+                async with self._new_block:
+                    await asyncio.wait_for(self._new_block.wait_for(all_found), seconds)
+        return found
+
+    async def submit_all_waiting(
+        self, records: Sequence[bytes], wait: float
+    ) -> list[Submission | RecordRejected]:
+        """`submit_all`, then, when `wait` > 0, up to `wait` seconds for blocks that
+        commit the records admitted or pending (CometBFT's broadcast_tx_commit). A record
+        the log holds already is answered with its index instead of refused, so that
+        resubmitting with a wait until the answer says committed is how a client makes
+        sure a record is in (the mempool is memory). Raises ValueError for a `wait` that
+        is not from 0 to `MAX_SUBMIT_WAIT_SECONDS`."""
+        if not 0 <= wait <= MAX_SUBMIT_WAIT_SECONDS:  # also refuses nan
+            raise ValueError(f"wait: seconds from 0 to {MAX_SUBMIT_WAIT_SECONDS:.0f}")
+        records = list(records)
+        hashes = [leaf_hash(record) for record in records]
+        before = self._committed_indexes(hashes) if wait else {}
+        outcomes: list[Submission | RecordRejected] = []
+        for record_hash, submitted in zip(hashes, self.submit_all(records), strict=True):
+            if record_hash in before:
+                outcomes.append(Submission(new=False, index=before[record_hash]))
+            elif isinstance(submitted, RecordRejected):
+                outcomes.append(submitted)
+            else:
+                outcomes.append(Submission(new=submitted))
+        if not wait:
+            return outcomes
+        # A refusal may be a commit between the look-up above and the submission: looked
+        # up once more, not waited for (a refused record may never commit).
+        refused = [h for h, o in zip(hashes, outcomes, strict=True) if not _is_pending(o)]
+        found = self._committed_indexes(refused)
+        pending = [h for h, o in zip(hashes, outcomes, strict=True) if _is_pending(o)]
+        found.update(await self.wait_committed_all(pending, wait))
+        for position, (record_hash, outcome) in enumerate(zip(hashes, outcomes, strict=True)):
+            if record_hash in found and not _has_index(outcome):
+                new = isinstance(outcome, Submission) and outcome.new
+                outcomes[position] = Submission(new=new, index=found[record_hash])
+        return outcomes
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    """What became of a submitted record: ``new`` when this submission admitted it (else
+    it was pending already, or committed); ``index``, its index in this node's log once a
+    block this node holds committed it (only looked for when the submission waited)."""
+
+    new: bool
+    index: int | None = None
+
+    @property
+    def status(self) -> str:
+        if self.index is not None:
+            return "committed"
+        return "admitted" if self.new else "already pending"
 
 
 def _complete(hashes: list[bytes], lookup: Callable[[bytes], bytes | None]) -> list[bytes] | None:
@@ -1261,6 +1314,14 @@ def _complete(hashes: list[bytes], lookup: Callable[[bytes], bytes | None]) -> l
             return None
         records.append(record)
     return records
+
+
+def _is_pending(outcome: Submission | RecordRejected) -> bool:
+    return isinstance(outcome, Submission) and outcome.index is None
+
+
+def _has_index(outcome: Submission | RecordRejected) -> bool:
+    return isinstance(outcome, Submission) and outcome.index is not None
 
 
 def _canonical_record(record: bytes) -> bool:
@@ -1349,24 +1410,39 @@ class ConsensusServicer(pb_grpc.ConsensusServicer):
         request: pb.SubmitRecordRequest,
         context: grpc.aio.ServicerContext[pb.SubmitRecordRequest, pb.SubmitRecordResponse],
     ) -> pb.SubmitRecordResponse:
-        try:
-            accepted = self._service.submit(request.record)
-        except RecordRejected as exc:
-            return pb.SubmitRecordResponse(accepted=False, reason=exc.reason)
-        return pb.SubmitRecordResponse(
-            accepted=accepted, reason="" if accepted else "already pending"
-        )
+        (result,) = await self._submit([request.record], request.wait_seconds, context)
+        return result
 
     async def SubmitRecords(  # noqa: N802 (gRPC method name)
         self,
         request: pb.SubmitRecordsRequest,
         context: grpc.aio.ServicerContext[pb.SubmitRecordsRequest, pb.SubmitRecordsResponse],
     ) -> pb.SubmitRecordsResponse:
+        results = await self._submit(request.records, request.wait_seconds, context)
+        return pb.SubmitRecordsResponse(results=results)
+
+    async def _submit(
+        self,
+        records: Sequence[bytes],
+        wait: float,
+        context: grpc.aio.ServicerContext[Any, Any],
+    ) -> list[pb.SubmitRecordResponse]:
+        try:
+            outcomes = await self._service.submit_all_waiting(records, wait)
+        except ValueError as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"wait_seconds: {exc}")
+            raise
         results = []
-        for outcome in self._service.submit_all(request.records):
+        for outcome in outcomes:
             if isinstance(outcome, RecordRejected):
                 results.append(pb.SubmitRecordResponse(accepted=False, reason=outcome.reason))
-            else:
-                reason = "" if outcome else "already pending"
-                results.append(pb.SubmitRecordResponse(accepted=outcome, reason=reason))
-        return pb.SubmitRecordsResponse(results=results)
+                continue
+            reason = ""
+            if not outcome.new:
+                reason = "already pending" if outcome.index is None else "already committed"
+            result = pb.SubmitRecordResponse(accepted=outcome.new, reason=reason)
+            if outcome.index is not None:
+                result.committed = True
+                result.log_index = outcome.index
+            results.append(result)
+        return results

@@ -1263,9 +1263,14 @@ class ConsensusService:
         is not from 0 to `MAX_SUBMIT_WAIT_SECONDS`."""
         if not 0 <= wait <= MAX_SUBMIT_WAIT_SECONDS:  # also refuses nan
             raise ValueError(f"wait: seconds from 0 to {MAX_SUBMIT_WAIT_SECONDS:.0f}")
+        if not wait:  # the hot path (SubmitRecords batches): no hashing, no look-ups
+            return [
+                o if isinstance(o, RecordRejected) else Submission(new=o)
+                for o in self.submit_all(records)
+            ]
         records = list(records)
         hashes = [leaf_hash(record) for record in records]
-        before = self._committed_indexes(hashes) if wait else {}
+        before = self._committed_indexes(hashes)
         outcomes: list[Submission | RecordRejected] = []
         for record_hash, submitted in zip(hashes, self.submit_all(records), strict=True):
             if record_hash in before:
@@ -1274,16 +1279,15 @@ class ConsensusService:
                 outcomes.append(submitted)
             else:
                 outcomes.append(Submission(new=submitted))
-        if not wait:
-            return outcomes
         # A refusal may be a commit between the look-up above and the submission: looked
         # up once more, not waited for (a refused record may never commit).
-        refused = [h for h, o in zip(hashes, outcomes, strict=True) if not _is_pending(o)]
-        found = self._committed_indexes(refused)
+        found = self._committed_indexes(
+            [h for h, o in zip(hashes, outcomes, strict=True) if isinstance(o, RecordRejected)]
+        )
         pending = [h for h, o in zip(hashes, outcomes, strict=True) if _is_pending(o)]
         found.update(await self.wait_committed_all(pending, wait))
         for position, (record_hash, outcome) in enumerate(zip(hashes, outcomes, strict=True)):
-            if record_hash in found and not _has_index(outcome):
+            if record_hash in found:
                 new = isinstance(outcome, Submission) and outcome.new
                 outcomes[position] = Submission(new=new, index=found[record_hash])
         return outcomes
@@ -1318,10 +1322,6 @@ def _complete(hashes: list[bytes], lookup: Callable[[bytes], bytes | None]) -> l
 
 def _is_pending(outcome: Submission | RecordRejected) -> bool:
     return isinstance(outcome, Submission) and outcome.index is None
-
-
-def _has_index(outcome: Submission | RecordRejected) -> bool:
-    return isinstance(outcome, Submission) and outcome.index is not None
 
 
 def _canonical_record(record: bytes) -> bool:
